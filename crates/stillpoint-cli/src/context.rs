@@ -1,0 +1,58 @@
+//! Global options, logging set-up and what every command receives (`Context`).
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args};
+
+/// Options shared by every command.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Repository location (default: `repo` from stillpoint.toml, else ./stillpoint-repo).
+    #[arg(long, global = true, env = "STILLPOINT_REPO", value_name = "PATH")]
+    pub repo: Option<PathBuf>,
+
+    /// Configuration file (default: ./stillpoint.toml if present).
+    #[arg(long, global = true, env = "STILLPOINT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Read the repository passphrase from this file (else STILLPOINT_PASSWORD, else a prompt).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// Print machine-readable JSON on stdout instead of human text; no progress bars.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// More log output on stderr (-v info, -vv debug, -vvv trace). RUST_LOG overrides it.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// What every command receives: the global options, resolved.
+#[derive(Debug)]
+pub struct Context {
+    pub global: GlobalArgs,
+}
+
+impl Context {
+    pub fn new(global: GlobalArgs) -> anyhow::Result<Self> {
+        Ok(Self { global })
+    }
+}
+
+/// Logs go to stderr so that stdout stays clean for `--json`.
+pub fn init_logging(global: &GlobalArgs) {
+    let default = match global.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
