@@ -1,3 +1,8 @@
-//! Backup and restore orchestration, consistency planning, freeze guardian, reports.
+//! Backup and restore orchestration: consistency planning, the freeze guardian, reports.
 //!
-//! (Design note to be written with the crate's first real code.)
+//! Decisions are pure functions of their inputs (preflight facts, requested level, policy)
+//! that return a plan (`consistency`); separate code carries the plan out against the
+//! platform drivers. Only this crate combines the platform, the recipe executor and the
+//! repository.
+
+pub mod consistency;
