@@ -6,3 +6,7 @@
 //! repository.
 
 pub mod consistency;
+pub mod error;
+pub mod guardian;
+
+pub use error::{EngineError, EngineErrorKind, Result};

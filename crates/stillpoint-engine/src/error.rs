@@ -1,0 +1,68 @@
+//! The engine's one error type.
+//!
+//! Rules (shared by every stillpoint library crate):
+//! - One public error type per crate: a `#[non_exhaustive]` kind callers can match on, a
+//!   message that says what failed and where (VM, disk, path), and the underlying source.
+//! - Messages never repeat the source's text — the CLI prints the whole chain once.
+//! - Bad input from peers or files becomes an error, never a panic.
+
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EngineErrorKind {
+    /// A freeze lease could not be read or written.
+    Lease,
+    /// The guardian process could not be started or gave up.
+    Guardian,
+    /// The platform failed (VM not found, agent or monitor error).
+    Platform,
+    /// The guest agent failed or refused.
+    Agent,
+    /// The requested consistency cannot be reached and the policy says fail.
+    ConsistencyRefused,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct EngineError {
+    kind: EngineErrorKind,
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+impl EngineError {
+    pub fn new(kind: EngineErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub fn with_source(
+        mut self,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    pub fn kind(&self) -> EngineErrorKind {
+        self.kind
+    }
+
+    pub fn lease(path: &Path, what: impl std::fmt::Display) -> Self {
+        Self::new(
+            EngineErrorKind::Lease,
+            format!("{what} ({})", path.display()),
+        )
+    }
+
+    pub fn guardian(what: impl Into<String>) -> Self {
+        Self::new(EngineErrorKind::Guardian, what)
+    }
+}
