@@ -269,14 +269,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.stream
-            .write_all(bytes)
-            .await
-            .map_err(|e| Error::new(ErrorKind::Io).with_source(e))?;
-        self.stream
-            .flush()
-            .await
-            .map_err(|e| Error::new(ErrorKind::Io).with_source(e))
+        // A peer that went away shows up as a failed write before any read sees the end.
+        let failed = |e: std::io::Error| {
+            let kind = match e.kind() {
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                    ErrorKind::Closed
+                }
+                _ => ErrorKind::Io,
+            };
+            Error::new(kind).with_source(e)
+        };
+        self.stream.write_all(bytes).await.map_err(failed)?;
+        self.stream.flush().await.map_err(failed)
     }
 
     async fn read_reply(&mut self) -> Result<Reply> {
@@ -409,7 +413,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// is signalled, not its children: the agent does not start it in its own process group,
     /// and the group it is in is the agent's. The result is
     /// [`ErrorKind::GuestProcessTimedOut`]; a non-zero exit is *not* an error (see
-    /// [`ExecStatus::success`]).
+    /// [`ExecStatus::success`]). If polling itself fails (the agent stops answering, the guest
+    /// gets frozen), that error is returned and the process is left as it is.
     pub async fn run(&mut self, request: &ExecRequest, limit: Duration) -> Result<ExecStatus> {
         let pid = self.exec(request).await?;
         let deadline = Instant::now() + limit;

@@ -509,3 +509,16 @@ async fn connect_unix_syncs_with_a_fake_agent_on_a_socket() {
     client.ping().await.unwrap();
     assert_eq!(commands(&log), ["guest-sync-delimited", "guest-ping"]);
 }
+
+#[tokio::test]
+async fn agent_gone_after_sync_is_reported_as_closed() {
+    let (mut client, _log) = client_with_fake(|request| match request.sync_id() {
+        Some(id) => vec![Action::Send(sync_reply(id)), Action::Close],
+        None => unreachable!("the fake has closed"),
+    });
+    client.sync().await.unwrap();
+    tokio::task::yield_now().await;
+    let err = client.ping().await.unwrap_err();
+    assert_eq!(err.kind(), &ErrorKind::Closed, "{err:?}");
+    assert_eq!(err.command(), Some("guest-ping"));
+}
