@@ -1,3 +1,73 @@
-//! Builds the test/demo guest from Debian packages and launches local QEMU VMs (tests, demo, benches).
+//! Builds the test/demo guest from Debian packages and launches local QEMU VMs — for the tests
+//! of every crate, `stillpoint vm run|list|stop`, the demo and the benchmarks.
 //!
-//! (Design note to be written with the crate's first real code.)
+//! # The guest
+//! [`GuestImage::ensure`] builds (once, then from its cache) a Debian 12 cloud kernel and an
+//! initramfs holding static busybox, the real qemu-ga, sqlite3, exactly the shared libraries
+//! they need (found from their `DT_NEEDED` entries in the packages' dependencies), the virtio
+//! modules and a small `/init`. Everything comes from `apt-get download` + `dpkg-deb -x`; no
+//! root is needed. See docs/test-guest.md for what `/init` does and the console markers.
+//!
+//! # Launching
+//! ```no_run
+//! # async fn example() -> stillpoint_testvm::Result<()> {
+//! use std::time::Duration;
+//! use stillpoint_testvm::{LaunchedVm, VmConfig};
+//!
+//! // A test: temporary runtime root, killed on drop, waits until the agent answers.
+//! let vm = LaunchedVm::boot_for_test(VmConfig::new("qga-test")).await?;
+//! let qga = vm.qga_socket().expect("agent on");   // connect your client here
+//! let qmp = vm.qmp_socket();
+//! let mounts = vm.guest_exec(&["cat", "/proc/mounts"], Duration::from_secs(10)).await?;
+//! # let _ = (qga, qmp, mounts); Ok(()) }
+//! ```
+//! [`LaunchedVm::launch`] with [`LaunchOptions::detached`] is what `stillpoint vm run` uses;
+//! [`list_vms`] and [`stop_vm`] find and end such VMs through their `vm.json` ([`VmRecord`],
+//! a contract with the qemu platform driver: docs/local-vms.md).
+//!
+//! # Invariants
+//! - No QEMU outlives its test: an [`Lifetime::Attached`] VM runs in its own process group,
+//!   is killed when its handle drops, and gets SIGKILL from the kernel (`PR_SET_PDEATHSIG`)
+//!   when the launching thread or process dies, however it dies.
+//! - A VM that cannot start or boot is an error carrying the console's last lines — never a
+//!   silently passing test.
+//! - Each VM gets fresh, independent disks and its own copy of the initramfs; per-VM settings
+//!   (agent on/off, qemu-ga arguments, fsfreeze hook, disk count) travel in a small archive
+//!   appended to that copy, so the cached image is never rebuilt for them.
+//! - With the agent off there is no agent channel at all (no virtio-serial device).
+//! - Disks are `-blockdev` nodes `diskN` on devices `vdN`; the first one is `/data` in the guest.
+//! - The cached image is keyed by a digest of its [`GuestRecipe`]; it appears atomically and
+//!   concurrent builders are serialised by a file lock.
+//! - KVM is used only when `STILLPOINT_ACCEL=kvm`; TCG is the default.
+
+mod archive;
+mod config;
+mod disk;
+mod elf;
+mod error;
+mod guest;
+mod packages;
+mod paths;
+pub mod probe;
+mod qemu;
+mod record;
+mod tool;
+mod vm;
+mod wait;
+
+pub use crate::config::{
+    DEFAULT_DISK_SIZE, DEFAULT_MEMORY_MIB, DiskSpec, MAX_DISKS, VmConfig, parse_disk_size,
+};
+pub use crate::error::{Error, ErrorKind, Result};
+pub use crate::guest::{GuestImage, GuestManifest, GuestRecipe, RECIPE_VERSION};
+pub use crate::paths::{
+    GUEST_DIR_ENV, RUNTIME_DIR_ENV, default_guest_dir, default_runtime_root, vm_dir,
+};
+pub use crate::qemu::{ACCEL_ENV, Accel};
+pub use crate::record::{DiskRecord, RECORD_FILE, VmRecord};
+pub use crate::vm::{
+    BOOT_TIMEOUT, LaunchOptions, LaunchedVm, Lifetime, ListedVm, MARKER_AGENT_DISABLED,
+    MARKER_AGENT_STARTING, MARKER_DISKS_MOUNTED, MARKER_ERROR, MARKER_PREFIX, MARKER_READY,
+    StopOutcome, list_vms, stop_vm,
+};
+pub use crate::wait::{POLL_INTERVAL, wait_until};

@@ -1,0 +1,242 @@
+//! What a VM should look like: [`VmConfig`] and [`DiskSpec`], with their checks.
+
+use crate::error::{Error, Result};
+use crate::paths::validate_vm_name;
+
+/// One MiB.
+const MIB: u64 = 1 << 20;
+/// Smallest data disk: mkfs.ext4 needs room for its journal.
+pub const MIN_DISK_SIZE: u64 = 16 * MIB;
+/// Largest data disk (the image is sparse, but a typo should not ask for a petabyte).
+pub const MAX_DISK_SIZE: u64 = 1 << 40;
+/// Most data disks per VM (mount points /data, /data1 … /data15).
+pub const MAX_DISKS: usize = 16;
+/// Default size of a data disk.
+pub const DEFAULT_DISK_SIZE: u64 = 256 * MIB;
+/// Default guest memory: the lab's figure, ~250 MiB of host memory per VM under TCG.
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
+
+/// One data disk: an ext4 file system on a fresh qcow2 image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Virtual size in bytes (a multiple of 512, at least [`MIN_DISK_SIZE`]).
+    pub size: u64,
+}
+
+impl Default for DiskSpec {
+    fn default() -> Self {
+        Self {
+            size: DEFAULT_DISK_SIZE,
+        }
+    }
+}
+
+/// A VM to launch. Start from [`VmConfig::new`] and adjust fields or use the `with_*` methods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VmConfig {
+    /// The VM name: 1–64 of `[A-Za-z0-9._-]`, starting with a letter or digit.
+    pub name: String,
+    /// Data disks; the first is mounted at `/data`, the next at `/data1`, `/data2`, …
+    pub data_disks: Vec<DiskSpec>,
+    /// Whether the guest runs qemu-ga. When off, the VM has no agent channel at all.
+    pub agent: bool,
+    /// Extra qemu-ga arguments, one argv element each (e.g. `--block-rpcs`, `guest-fsfreeze-freeze`).
+    pub qga_args: Vec<String>,
+    /// A script (with its `#!` line) qemu-ga runs as its fsfreeze hook, with `freeze` or `thaw`.
+    pub fsfreeze_hook: Option<String>,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+}
+
+impl VmConfig {
+    /// The demo guest: one 256 MiB data disk, agent on, 256 MiB of memory.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            data_disks: vec![DiskSpec::default()],
+            agent: true,
+            qga_args: Vec::new(),
+            fsfreeze_hook: None,
+            memory_mib: DEFAULT_MEMORY_MIB,
+        }
+    }
+
+    /// `count` data disks of `size` bytes each.
+    pub fn with_disks(mut self, count: usize, size: u64) -> Self {
+        self.data_disks = vec![DiskSpec { size }; count];
+        self
+    }
+
+    /// No guest agent and no agent channel.
+    pub fn without_agent(mut self) -> Self {
+        self.agent = false;
+        self
+    }
+
+    /// Adds one qemu-ga argument.
+    pub fn with_qga_arg(mut self, arg: impl Into<String>) -> Self {
+        self.qga_args.push(arg.into());
+        self
+    }
+
+    /// Installs `script` as qemu-ga's fsfreeze hook.
+    pub fn with_fsfreeze_hook(mut self, script: impl Into<String>) -> Self {
+        self.fsfreeze_hook = Some(script.into());
+        self
+    }
+
+    /// Sets the guest memory.
+    pub fn with_memory_mib(mut self, memory_mib: u32) -> Self {
+        self.memory_mib = memory_mib;
+        self
+    }
+
+    /// Checks every field; the error names the field and the value.
+    pub fn validate(&self) -> Result<()> {
+        validate_vm_name(&self.name)?;
+        if self.data_disks.len() > MAX_DISKS {
+            return Err(Error::invalid(
+                "number of data disks",
+                format!("{} is more than {MAX_DISKS}", self.data_disks.len()),
+            ));
+        }
+        for (index, disk) in self.data_disks.iter().enumerate() {
+            if disk.size < MIN_DISK_SIZE || disk.size > MAX_DISK_SIZE || disk.size % 512 != 0 {
+                return Err(Error::invalid(
+                    &format!("size of data disk {index}"),
+                    format!(
+                        "{} bytes; it must be a multiple of 512 between {} MiB and {} TiB",
+                        disk.size,
+                        MIN_DISK_SIZE / MIB,
+                        MAX_DISK_SIZE >> 40
+                    ),
+                ));
+            }
+        }
+        for (index, arg) in self.qga_args.iter().enumerate() {
+            if arg.is_empty() || arg.contains(['\n', '\0']) {
+                return Err(Error::invalid(
+                    &format!("qemu-ga argument {index}"),
+                    format!("{arg:?} is empty or holds a newline or NUL"),
+                ));
+            }
+        }
+        if !self.agent && (!self.qga_args.is_empty() || self.fsfreeze_hook.is_some()) {
+            return Err(Error::invalid(
+                "agent settings",
+                "qemu-ga arguments or an fsfreeze hook were given, but the agent is off",
+            ));
+        }
+        if let Some(hook) = &self.fsfreeze_hook
+            && !hook.starts_with("#!")
+        {
+            return Err(Error::invalid(
+                "fsfreeze hook",
+                "the script must start with a `#!` line (e.g. `#!/bin/sh`)",
+            ));
+        }
+        if !(64..=16384).contains(&self.memory_mib) {
+            return Err(Error::invalid(
+                "memory",
+                format!("{} MiB; it must be between 64 and 16384", self.memory_mib),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses a disk size the way `qemu-img` and `truncate` read it: a number with an optional
+/// binary suffix `K`, `M`, `G`, `T` (also `KiB`, `MB`, … — all binary), bytes without one.
+/// Hand-written because size crates read `M` as 10⁶, which is not what users of disk tools mean.
+pub fn parse_disk_size(text: &str) -> Result<u64> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, suffix) = trimmed.split_at(split);
+    let bad = || {
+        Error::invalid(
+            "disk size",
+            format!("`{text}`; write a number of bytes or use K, M, G, T (binary), e.g. 256M"),
+        )
+    };
+    let number: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_disk_size("256M").expect("256M"), 256 << 20);
+        assert_eq!(parse_disk_size("1G").expect("1G"), 1 << 30);
+        assert_eq!(parse_disk_size("1GiB").expect("1GiB"), 1 << 30);
+        assert_eq!(parse_disk_size("64 MB").expect("64 MB"), 64 << 20);
+        assert_eq!(parse_disk_size("4096").expect("bytes"), 4096);
+        for bad in ["", "M", "12X", "-1M", "1.5G", "99999999999999T"] {
+            let error = parse_disk_size(bad).expect_err(bad);
+            assert!(error.to_string().contains("disk size"), "{error}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_demo_guest() {
+        let config = VmConfig::new("demo");
+        assert_eq!(config.data_disks, [DiskSpec { size: 256 << 20 }]);
+        assert!(config.agent);
+        assert_eq!(config.memory_mib, 256);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let cases = [
+            (VmConfig::new("a/b"), "VM name"),
+            (
+                VmConfig::new("x").with_disks(17, 256 << 20),
+                "number of data disks",
+            ),
+            (
+                VmConfig::new("x").with_disks(1, 1 << 20),
+                "size of data disk 0",
+            ),
+            (
+                VmConfig::new("x").with_disks(1, (256 << 20) + 1),
+                "size of data disk 0",
+            ),
+            (
+                VmConfig::new("x").with_qga_arg("a\nb"),
+                "qemu-ga argument 0",
+            ),
+            (
+                VmConfig::new("x").without_agent().with_qga_arg("-v"),
+                "agent settings",
+            ),
+            (
+                VmConfig::new("x").with_fsfreeze_hook("echo hi"),
+                "fsfreeze hook",
+            ),
+            (VmConfig::new("x").with_memory_mib(16), "memory"),
+        ];
+        for (config, field) in cases {
+            let error = config.validate().expect_err(field);
+            assert_eq!(error.kind(), ErrorKind::InvalidConfig);
+            assert!(
+                error.to_string().contains(field),
+                "{error} should name {field}"
+            );
+        }
+    }
+}
