@@ -77,3 +77,22 @@ pub fn load_recipe(path: &Path, options: &ValidateOptions) -> Result<ValidRecipe
             .with_diagnostics(diagnostics)),
     }
 }
+
+/// Validates either a recipe or a Pod manifest carrying Velero hook annotations (recognised by
+/// `kind: Pod`) — what `stillpoint recipe validate` accepts.
+pub fn check_any_source(
+    source: &str,
+    options: &ValidateOptions,
+) -> (Option<Recipe>, Vec<Diagnostic>) {
+    let is_pod = yaml::parse_document(source).is_ok_and(|root| match &root.value {
+        yaml::Value::Map(entries) => entries
+            .iter()
+            .any(|(k, v)| k.as_str() == Some("kind") && v.as_str() == Some("Pod")),
+        _ => false,
+    });
+    if is_pod {
+        velero::check_pod_source(source)
+    } else {
+        check_source(source, options)
+    }
+}

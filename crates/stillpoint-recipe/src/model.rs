@@ -240,6 +240,10 @@ pub struct Op {
     pub pos: Pos,
     pub container: Option<String>,
     pub command: Option<At<Command>>,
+    /// A `command` field was written (even if it could not be parsed): then the parser has
+    /// reported it, and "no command" is not reported again.
+    #[serde(skip)]
+    pub command_written: bool,
     pub on_error: Option<OnError>,
     pub timeout: Option<Duration>,
     pub inverse_op: Option<At<OpRef>>,
@@ -253,6 +257,8 @@ pub struct Op {
     pub env: Vec<(String, String)>,
     /// VM extension: bytes written to the command's standard input.
     pub stdin: Option<String>,
+    /// Velero init restore hooks only: the init container's image.
+    pub image: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

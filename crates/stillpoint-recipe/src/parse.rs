@@ -842,6 +842,7 @@ impl Ctx {
             pos: node.pos,
             container: self.optional_string(&fields, "container", &what),
             command,
+            command_written: fields.get("command").is_some(),
             on_error: self.on_error(&fields, &what),
             timeout: self.seconds(&fields, "timeout", &what),
             inverse_op: self.op_ref(&fields, "inverseOp", &what),
@@ -849,6 +850,7 @@ impl Ctx {
             ends: self.op_ref(&fields, "ends", &what),
             env,
             stdin,
+            image: None,
             name,
         })
     }

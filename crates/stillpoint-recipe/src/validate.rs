@@ -299,7 +299,7 @@ impl Validator<'_> {
 
     fn op(&mut self, hook: &Hook, op: &Op) {
         let id = format!("{}/{}", hook.name.value, op.name.value);
-        if op.command.is_none() {
+        if !op.command_written {
             self.error(op.name.pos, format!("op `{id}` has no `command`"));
         }
         if let Some(inverse) = &op.inverse_op {
