@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{ArgAction, Args};
+use stillpoint_platform::qemu::QemuInventory;
+
+use crate::config::LoadedConfig;
 
 /// Options shared by every command.
 #[derive(Debug, Args)]
@@ -28,15 +31,44 @@ pub struct GlobalArgs {
     pub verbose: u8,
 }
 
-/// What every command receives: the global options, resolved.
+/// What every command receives: the global options and the configuration, resolved.
 #[derive(Debug)]
 pub struct Context {
     pub global: GlobalArgs,
+    pub config: LoadedConfig,
+    /// Where launched VMs and freeze leases live.
+    pub runtime_root: PathBuf,
 }
 
 impl Context {
     pub fn new(global: GlobalArgs) -> anyhow::Result<Self> {
-        Ok(Self { global })
+        let config = LoadedConfig::load(global.config.as_deref())?;
+        let runtime_root = config
+            .config
+            .runtime_dir
+            .clone()
+            .unwrap_or_else(stillpoint_platform::runtime::runtime_root);
+        Ok(Self {
+            global,
+            config,
+            runtime_root,
+        })
+    }
+
+    /// The repository: `--repo`, else `repo` from stillpoint.toml, else ./stillpoint-repo.
+    #[allow(dead_code)]
+    pub fn repo_path(&self) -> PathBuf {
+        self.global
+            .repo
+            .clone()
+            .or_else(|| self.config.config.repo.clone())
+            .unwrap_or_else(|| PathBuf::from("stillpoint-repo"))
+    }
+
+    /// Every QEMU VM known by name (configured and launched).
+    #[allow(dead_code)]
+    pub fn qemu_inventory(&self) -> QemuInventory {
+        QemuInventory::new(self.config.qemu_vms(), self.runtime_root.clone())
     }
 }
 

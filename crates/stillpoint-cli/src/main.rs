@@ -5,6 +5,7 @@
 //! and turns errors into messages and exit codes (see `docs/exit-codes.md`).
 
 mod commands;
+mod config;
 mod context;
 mod output;
 

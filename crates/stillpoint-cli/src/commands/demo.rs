@@ -7,9 +7,7 @@ use clap::Args;
 use crate::context::Context;
 
 #[derive(Debug, Args)]
-pub struct DemoArgs {
-
-}
+pub struct DemoArgs {}
 
 pub async fn run(_ctx: &Context, _args: DemoArgs) -> anyhow::Result<ExitCode> {
     anyhow::bail!("`stillpoint demo` is not implemented yet")
