@@ -1,3 +1,91 @@
-//! stillpoint's backup repository: chunks, indexes, manifests, crypto, backends, verify, prune, gc.
+//! stillpoint's backup repository: content-addressed, deduplicated, compressed and encrypted
+//! storage of disk images, with per-disk indexes and per-snapshot manifests.
 //!
-//! (Design note to be written with the crate's first real code.)
+//! # What it is for
+//! The engine writes the disks of a point-in-time capture into a [`BackupSession`] and
+//! publishes a manifest; restore, verify, prune and gc work on what was published. The byte
+//! format is specified in `docs/repository-format.md`; every magic number is in [`format`].
+//!
+//! # Design
+//! - **Fixed-size chunks aligned to disk offsets** (default 4 MiB, chosen at init): a dirty
+//!   bitmap maps straight onto chunks, so an incremental reads only changed chunks and the rest
+//!   keep their parent's digests without being read ([`DiskInput::changed`]).
+//! - **Chunk ids** are keyed BLAKE3 of the plaintext; all-zero chunks are recorded with the
+//!   zero digest and never stored; zero detection runs before any other stage.
+//! - **Blobs**: zstd level 1 when it saves at least 1/32, otherwise raw; then AES-256-GCM
+//!   (`ring`) with a random nonce and the header plus the object's identity as associated
+//!   data. The master key is random and wrapped by an Argon2id key from a passphrase, or the
+//!   repository is explicitly unencrypted (a BLAKE3 checksum still guards every blob).
+//! - **Pipeline**: per disk, `workers` threads each take the next chunk to read and carry it
+//!   through read → zero check → hash → dedup → compress → encrypt → put. Memory is
+//!   `O(workers × chunk size)` (≈ 50 MiB at 4 workers and 4 MiB chunks) at any disk size.
+//! - **Backends** implement the object-store-shaped [`Backend`] trait; [`LocalBackend`] writes
+//!   temp file + fsync + rename + directory fsync.
+//!
+//! # Invariants
+//! 1. A snapshot exists iff its manifest exists; the manifest is written last, in one put.
+//!    A killed backup leaves chunks (reusable) and maybe indexes (removed by gc), no snapshot.
+//! 2. Everything read back is authenticated (AES-GCM tag or checksum) and chunks are also
+//!    checked against their digest; failures name snapshot, disk, offset and object.
+//! 3. gc never deletes a chunk that a published snapshot or a running backup references.
+//!
+//! # Locking
+//! Locks are objects under `locks/` (see [`lock`]), so they work on object stores too.
+//!
+//! | operation            | lock      | beside backup | beside restore/verify | beside prune/gc |
+//! |----------------------|-----------|---------------|-----------------------|-----------------|
+//! | backup (session)     | Backup    | yes           | yes                   | yes             |
+//! | restore, verify      | Read      | yes           | yes                   | no (waits)      |
+//! | prune, gc            | Exclusive | yes           | no (waits)            | no (waits)      |
+//! | snapshots, stats     | none      | yes           | yes                   | yes (tolerates vanishing snapshots) |
+//! | init                 | none      | creates `config` only if absent (put-if-absent) |
+//!
+//! # Why gc is safe beside running backups
+//! Let `S` be a backup's start (backend time of its lock), `G` gc's start, `g` the grace
+//! period from `config`. A backup reuses an existing chunk only if its time is `≥ S − g/2`,
+//! and writes it again otherwise. gc deletes only unreferenced objects older than
+//! `min(G, oldest live backup start) − g`.
+//! - If gc saw the backup's lock, its cutoff is `≤ S − g`: it spares everything the backup
+//!   wrote (time `≥ S`) or reused (time `≥ S − g/2`).
+//! - If gc did not see the lock, the lock was written after gc listed locks, so `S > G` and
+//!   gc's cutoff `G − g < S − g/2`: it spares them too.
+//! - Chunks carried over from a parent are marked through the parent's indexes: the lock names
+//!   the parent, prune keeps a snapshot named by a live lock, and indexes are removed only by
+//!   gc, so the parent's index is still there to mark (the backup re-reads the parent manifest
+//!   after writing its lock, closing the race with a prune that listed locks just before).
+//! - Remaining race: gc listed an old chunk before another writer rewrote it. So after each
+//!   disk a backup waits for running gc/prune to finish and, if a gc record newer than `S`
+//!   exists, checks every chunk it reused and rewrites missing ones from the source.
+//!   All times compared are backend times.
+
+pub mod backend;
+mod blob;
+mod config;
+mod error;
+pub mod format;
+mod index;
+mod keys;
+pub mod lock;
+mod maintenance;
+mod manifest;
+mod repository;
+mod restore;
+mod retention;
+mod source;
+mod verify;
+mod writer;
+
+pub use crate::backend::{Backend, LocalBackend, ObjectMeta};
+pub use crate::config::{Config, Encryption};
+pub use crate::error::{Error, ErrorContext, ErrorKind, Result};
+pub use crate::index::{Digest, DiskIndex, chunk_count};
+pub use crate::keys::KdfParams;
+pub use crate::lock::{LockGuard, LockKind};
+pub use crate::maintenance::{GcReport, PruneReport, RepoStats};
+pub use crate::manifest::{DiskEntry, DiskStats, MANIFEST_VERSION, Manifest, SnapshotInfo};
+pub use crate::repository::{DEFAULT_LOCK_WAIT, InitOptions, Repository};
+pub use crate::restore::{ImageFormat, RestoreOptions, RestoreStats};
+pub use crate::retention::{Decision, KeepRules, RetentionPlan, SnapshotSummary, plan_retention};
+pub use crate::source::{DiskSource, Extent, FileSource};
+pub use crate::verify::{Problem, VerifyReport};
+pub use crate::writer::{BackupOptions, BackupSession, DiskInput, Progress};
