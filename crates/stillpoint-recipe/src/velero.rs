@@ -431,6 +431,7 @@ pub fn suggest_annotations(
                 ],
                 VELERO_DEFAULT_TIMEOUT,
             );
+            notes.push("the `stillpoint` binary must be on the PATH of the launcher pod's compute container.".into());
             notes.push("these replace KubeVirt's virt-freezer hooks (same flags): set kubevirt.io/skip-backup-hooks: \"true\" on the VM so virt-controller does not overwrite them.".into());
             notes.push("`stillpoint freeze` thaws by itself after --unfreezeTimeoutSeconds (300 s) if the post hook never runs.".into());
         }
@@ -475,6 +476,7 @@ pub fn suggest_annotations(
             put(PRE_BACKUP, run("pre"), pre);
             put(POST_BACKUP, run("post"), post);
             notes.push(format!("the pre hook runs the {capture} step(s) before the capture and freezes; Velero takes the snapshot; the post hook thaws and runs the rest (timeouts: sum of the steps' timeouts plus {}s to freeze, {}s to thaw).", FREEZE_HOOK_TIMEOUT.as_secs(), VELERO_DEFAULT_TIMEOUT.as_secs()));
+            notes.push("the `stillpoint` binary must be on the PATH of the launcher pod's compute container.".into());
             notes.push(format!("{} must exist inside the launcher pod's compute container (mount it from a ConfigMap).", recipe.path));
             notes.push("set kubevirt.io/skip-backup-hooks: \"true\" on the VM so KubeVirt's default freeze hooks do not replace these.".into());
         }
