@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
+cargo run --release --quiet -p stillpoint-cli -- vm build-guest
 cargo run --release --quiet -p stillpoint-cli -- demo "$@"

@@ -27,6 +27,12 @@ if [ "$need_install" = 1 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --allow-downgrades --no-install-recommends "${PACKAGES[@]}"
 fi
 
+# The test guest is built from Debian packages fetched with `apt-get download` (no root needed),
+# which needs package lists that know them.
+if ! apt-cache show linux-image-cloud-amd64 busybox-static qemu-guest-agent sqlite3 >/dev/null 2>&1; then
+  $SUDO apt-get update -qq
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "error: cargo is not installed; install Rust from https://rustup.rs first" >&2
   exit 1

@@ -21,7 +21,12 @@ use crate::context::{Context, GlobalArgs};
 /// runs the application's quiesce steps, freezes the guest only while the capture starts,
 /// copies the data into a deduplicating, encrypted repository and records what it achieved.
 #[derive(Debug, Parser)]
-#[command(name = "stillpoint", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "stillpoint",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
@@ -49,6 +54,7 @@ enum Command {
     /// Work with recipes (application-consistency workflows).
     Recipe(commands::recipe::RecipeArgs),
     /// Launch, list and stop local QEMU VMs with agent and monitor sockets.
+    #[command(long_about = commands::vm::VM_LONG_ABOUT)]
     Vm(commands::vm::VmArgs),
     /// Print the Velero hook annotations to put on a virt-launcher pod for a consistency level.
     Annotations(commands::annotations::AnnotationsArgs),
@@ -66,7 +72,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     context::init_logging(&cli.global);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

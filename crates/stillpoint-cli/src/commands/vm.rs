@@ -15,13 +15,20 @@ use stillpoint_testvm::{
 use crate::context::Context;
 use crate::output;
 
-/// Launch, list and stop local QEMU VMs with guest agent and monitor sockets.
-///
-/// The VMs run the stillpoint test/demo guest: a Debian 12 cloud kernel, busybox, the real
-/// qemu-ga and sqlite3, with ext4 data disks mounted at /data, /data1, … Each VM lives in
-/// <runtime root>/vms/<NAME>/ (qmp.sock, qga.sock, console.log, disks, vm.json); the runtime
-/// root is $STILLPOINT_RUNTIME_DIR, else $XDG_RUNTIME_DIR/stillpoint, else
-/// /tmp/stillpoint-<uid>. Other stillpoint commands find these VMs by NAME.
+/// What `stillpoint vm --help` explains beyond the one-line summary (used in main.rs).
+pub const VM_LONG_ABOUT: &str = "\
+Launch, list and stop local QEMU VMs with guest agent and monitor sockets.
+
+The VMs run the stillpoint test/demo guest: a Debian 12 cloud kernel, busybox, the real qemu-ga \
+and sqlite3, with ext4 data disks mounted at /data, /data1, ... Each VM lives in \
+<runtime root>/vms/<NAME>/ (qmp.sock, qga.sock, console.log, the disks, vm.json). The runtime \
+root is runtime_dir from stillpoint.toml, else $STILLPOINT_RUNTIME_DIR, else \
+$XDG_RUNTIME_DIR/stillpoint, else /tmp/stillpoint-<uid>. Other stillpoint commands (check, \
+backup, freeze) find these VMs by NAME.
+
+QEMU runs under TCG (software emulation); set STILLPOINT_ACCEL=kvm to use KVM.";
+
+/// `stillpoint vm`: a group of subcommands.
 #[derive(Debug, Args)]
 pub struct VmArgs {
     #[command(subcommand)]
@@ -94,7 +101,9 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 pub async fn run(ctx: &Context, args: VmArgs) -> anyhow::Result<ExitCode> {
-    let root = stillpoint_testvm::default_runtime_root();
+    // The same root the qemu platform driver looks in (stillpoint.toml's runtime_dir, else
+    // the environment rule of docs/local-vms.md).
+    let root = ctx.runtime_root.clone();
     match args.command {
         VmCommand::Run(run) => run_vm(ctx, &root, run).await,
         VmCommand::List => list(ctx, &root),
