@@ -258,7 +258,7 @@ mod tests {
         let keys = keys(true);
         let mut enc = BlobEncoder::new(1).unwrap();
         let plain: Vec<u8> = (0..65536u32)
-            .map(|i| (blake3::hash(&i.to_le_bytes()).as_bytes()[0]))
+            .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[0])
             .collect();
         let mut blob = Vec::new();
         enc.encode(&keys, CHUNK_BLOB_MAGIC, b"", &plain, true, &mut blob)

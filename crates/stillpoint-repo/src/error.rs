@@ -72,7 +72,7 @@ pub struct ErrorContext {
 pub struct Error {
     kind: ErrorKind,
     message: String,
-    context: ErrorContext,
+    context: Box<ErrorContext>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -85,7 +85,7 @@ impl Error {
         Self {
             kind,
             message: message.into(),
-            context: ErrorContext::default(),
+            context: Box::default(),
             source: None,
         }
     }

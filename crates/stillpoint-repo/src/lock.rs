@@ -261,10 +261,11 @@ fn spawn_refresher(
                 .wait_timeout(stopped, REFRESH_INTERVAL)
                 .unwrap_or_else(|p| p.into_inner());
             stopped = guard;
-            if !*stopped && timeout.timed_out() {
-                if let Err(e) = backend.put(&key, &bytes) {
-                    warn!(key, error = %e, "cannot refresh a repository lock");
-                }
+            if !*stopped
+                && timeout.timed_out()
+                && let Err(e) = backend.put(&key, &bytes)
+            {
+                warn!(key, error = %e, "cannot refresh a repository lock");
             }
         }
     })

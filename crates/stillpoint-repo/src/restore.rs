@@ -224,7 +224,7 @@ impl Repository {
 
 /// Writes `buf` at `offset`, skipping aligned all-zero 64 KiB blocks (they stay holes).
 fn write_sparse(file: &File, offset: u64, buf: &[u8]) -> std::io::Result<()> {
-    const ZERO: [u8; HOLE_BLOCK] = [0; HOLE_BLOCK];
+    static ZERO: [u8; HOLE_BLOCK] = [0; HOLE_BLOCK];
     let mut run_start: Option<usize> = None;
     let mut pos = 0;
     while pos < buf.len() {

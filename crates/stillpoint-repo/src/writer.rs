@@ -147,7 +147,7 @@ struct Shared<'a> {
     abort: AtomicBool,
     error: Mutex<Option<Error>>,
     results: Mutex<Vec<(usize, Digest)>>,
-    reused_existing: Mutex<Vec<(Digest, usize)>>,
+    touched: Mutex<Vec<(Digest, usize)>>,
     bytes_read: AtomicU64,
     new: AtomicU64,
     reused: AtomicU64,
@@ -228,10 +228,6 @@ impl Shared<'_> {
                     match existing {
                         Some(meta) if meta.modified >= self.reuse_after => {
                             self.reused.fetch_add(1, Ordering::Relaxed);
-                            self.reused_existing
-                                .lock()
-                                .expect("poisoned")
-                                .push((digest, i));
                         }
                         _ => {
                             encoder.encode(
@@ -252,6 +248,7 @@ impl Shared<'_> {
                         }
                     }
                     self.session.known.lock().expect("poisoned").insert(digest);
+                    self.touched.lock().expect("poisoned").push((digest, i));
                 }
                 digest
             };
@@ -400,7 +397,7 @@ impl BackupSession {
             abort: AtomicBool::new(false),
             error: Mutex::new(None),
             results: Mutex::new(Vec::with_capacity(work.len())),
-            reused_existing: Mutex::new(Vec::new()),
+            touched: Mutex::new(Vec::new()),
             bytes_read: AtomicU64::new(0),
             new: AtomicU64::new(0),
             reused: AtomicU64::new(0),
@@ -432,9 +429,8 @@ impl BackupSession {
         stats.chunks_reused += shared.reused.load(Ordering::Relaxed);
         stats.chunks_zero += shared.zero.load(Ordering::Relaxed);
         stats.bytes_stored = shared.stored.load(Ordering::Relaxed);
-        let reused_existing =
-            std::mem::take(&mut *shared.reused_existing.lock().expect("poisoned"));
-        let rewritten = self.recheck_after_gc(&shared, &reused_existing)?;
+        let touched = std::mem::take(&mut *shared.touched.lock().expect("poisoned"));
+        let rewritten = self.recheck_after_gc(&shared, &touched)?;
         stats.chunks_new += rewritten.0;
         stats.bytes_stored += rewritten.1;
         drop(shared);
@@ -454,28 +450,33 @@ impl BackupSession {
         Ok(stats)
     }
 
-    /// If a gc ran during this session, makes sure every pre-existing chunk we reused is still
-    /// there, rewriting those it deleted from the source. Returns (chunks, bytes) rewritten.
+    /// If a gc ran during this session, makes sure every chunk this disk stored or reused is
+    /// still there (gc may have listed an old copy of a key before we wrote it again), and
+    /// writes again from the source those it deleted. Returns (chunks, bytes) rewritten.
     fn recheck_after_gc(
         &self,
         shared: &Shared<'_>,
-        reused: &[(Digest, usize)],
+        touched: &[(Digest, usize)],
     ) -> Result<(u64, u64)> {
-        if reused.is_empty() {
+        if touched.is_empty() {
             return Ok((0, 0));
         }
         let backend = self.repo.backend.as_ref();
-        // Wait for running deleters to finish, so that every deletion they make is visible.
-        loop {
-            let now = backend_now(backend)?;
-            let deleting = live_locks(backend, now)?
-                .into_iter()
-                .any(|l| l.record.kind == LockKind::Exclusive);
-            if !deleting {
-                break;
+        // Wait for the deleters running now to finish, so that all their deletions are visible.
+        // A gc that starts later sees our lock and spares everything we wrote or reused.
+        let running: Vec<String> = live_locks(backend, SystemTime::now())?
+            .into_iter()
+            .filter(|l| l.record.kind == LockKind::Exclusive)
+            .map(|l| l.meta.key)
+            .collect();
+        for key in running {
+            while backend.stat(&key)?.is_some() {
+                debug!(
+                    lock = key,
+                    "waiting for a running gc/prune before checking chunks"
+                );
+                std::thread::sleep(Duration::from_millis(100));
             }
-            debug!("waiting for a running gc/prune before checking reused chunks");
-            std::thread::sleep(Duration::from_millis(200));
         }
         let gc_ran = backend
             .list(GC)?
@@ -487,7 +488,7 @@ impl BackupSession {
         let mut encoder = BlobEncoder::new(self.repo.config.zstd_level)?;
         let (mut buf, mut blob) = (Vec::new(), Vec::new());
         let (mut chunks, mut bytes) = (0, 0);
-        for (digest, i) in reused {
+        for (digest, i) in touched {
             let key = chunk_key(digest);
             if backend.stat(&key)?.is_some() {
                 continue;
@@ -543,13 +544,6 @@ impl BackupSession {
         drop(self.lock);
         Ok(manifest)
     }
-}
-
-/// The backend's current time: the modification time of a freshly written probe object is
-/// not available without a write, so use the newest lock time or fall back to our clock.
-pub(crate) fn backend_now(_backend: &dyn crate::backend::Backend) -> Result<SystemTime> {
-    // Local backend: the backend clock is this host's clock.
-    Ok(SystemTime::now())
 }
 
 #[cfg(test)]
