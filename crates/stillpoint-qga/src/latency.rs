@@ -58,9 +58,6 @@ impl LatencySummary {
 }
 
 /// Freezes and thaws the guest `rounds` times and times each call.
-///
-/// If a freeze fails, a thaw is still sent (the agent thaws on a failed freeze, but a freeze
-/// that timed out may still complete) and the freeze's error is returned.
 pub async fn measure_freeze_thaw<S>(
     client: &mut Client<S>,
     rounds: usize,
@@ -70,27 +67,39 @@ where
 {
     let mut measured = Vec::with_capacity(rounds);
     for _ in 0..rounds {
-        let started = Instant::now();
-        let frozen = match client.fsfreeze_freeze().await {
-            Ok(n) => n,
-            Err(e) => {
-                if let Err(thaw_error) = client.fsfreeze_thaw().await {
-                    warn!(error = %thaw_error, "thaw after a failed freeze also failed");
-                }
-                return Err(e);
-            }
-        };
-        let freeze = started.elapsed();
-        let started = Instant::now();
-        client.fsfreeze_thaw().await?;
-        let thaw = started.elapsed();
-        measured.push(FreezeThawRound {
-            frozen,
-            freeze,
-            thaw,
-        });
+        measured.push(measure_freeze_thaw_round(client).await?);
     }
     Ok(measured)
+}
+
+/// One timed freeze followed by one timed thaw (callers that prepare each round, e.g. dirty
+/// the guest's page cache first, loop over this).
+///
+/// If the freeze fails, a thaw is still sent (the agent thaws on a failed freeze, but a freeze
+/// that timed out may still complete) and the freeze's error is returned.
+pub async fn measure_freeze_thaw_round<S>(client: &mut Client<S>) -> Result<FreezeThawRound>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let frozen = match client.fsfreeze_freeze().await {
+        Ok(n) => n,
+        Err(e) => {
+            if let Err(thaw_error) = client.fsfreeze_thaw().await {
+                warn!(error = %thaw_error, "thaw after a failed freeze also failed");
+            }
+            return Err(e);
+        }
+    };
+    let freeze = started.elapsed();
+    let started = Instant::now();
+    client.fsfreeze_thaw().await?;
+    let thaw = started.elapsed();
+    Ok(FreezeThawRound {
+        frozen,
+        freeze,
+        thaw,
+    })
 }
 
 #[cfg(test)]

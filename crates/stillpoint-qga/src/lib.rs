@@ -72,7 +72,9 @@ mod types;
 
 pub use client::{Client, Timeouts, connect_unix};
 pub use error::{DisabledReason, EXCERPT_LEN, Error, ErrorKind, Result};
-pub use latency::{FreezeThawRound, LatencySummary, measure_freeze_thaw};
+pub use latency::{
+    FreezeThawRound, LatencySummary, measure_freeze_thaw, measure_freeze_thaw_round,
+};
 pub use types::{
     AgentInfo, CommandInfo, DiskAddress, ExecRequest, ExecStatus, FreezeStatus, FsInfo, OsInfo,
     PciAddress,
