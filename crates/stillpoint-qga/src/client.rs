@@ -213,7 +213,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// Runs any agent command with an explicit timeout. Commands that never reply
-    /// (`guest-shutdown`, `guest-suspend-*`) end in a timeout here.
+    /// (`guest-shutdown`, `guest-suspend-*`) end in a timeout here; resynchronise with
+    /// [`Client::sync`], not by sending `guest-sync-delimited` through this.
     pub async fn execute_with_timeout(
         &mut self,
         command: &str,

@@ -47,9 +47,17 @@
 //!    (raw `i64`s, `Option`s for every optional member, `Vec<u8>` output) into our public
 //!    API, and a build-time code generator into our build.
 //!
-//! So [`types`](crate::AgentInfo) are written by hand from `qga/qapi-schema.json` for the
-//! commands we call, with extensible enums kept as strings; any other command is reachable
-//! through [`Client::execute`].
+//! So the reply types ([`AgentInfo`], [`FsInfo`], [`ExecStatus`], …) are written by hand
+//! from `qga/qapi-schema.json` for the commands we call, with extensible enums kept as
+//! strings; any other command is reachable through [`Client::execute`].
+//!
+//! # Known limits
+//! - `guest-exec` kills: the agent has no kill command; [`Client::run`] kills a guest process
+//!   that outlives its limit with `kill -KILL <pid>` through `guest-exec`, which signals that
+//!   process only, not its children (see there).
+//! - With qemu-ga 7.2, `guest-get-fsinfo` takes a disk's `serial` from the udev database; in
+//!   a guest without udev (the test guest) it is absent, and the PCI address identifies the
+//!   disk.
 //!
 //! # Example
 //! ```no_run
