@@ -63,10 +63,20 @@ impl QemuNoGuest {
         );
     }
 
+    /// Connects, retrying while the socket file exists but QEMU is not yet
+    /// listening on it (it binds, then listens).
     pub async fn connect(&self) -> Qmp {
-        Qmp::connect_unix(&self.qmp_socket)
-            .await
-            .expect("connect to QEMU's QMP socket")
+        let mut tries = 0;
+        loop {
+            match Qmp::connect_unix(&self.qmp_socket).await {
+                Ok(qmp) => return qmp,
+                Err(e) if e.kind() == &stillpoint_qmp::ErrorKind::Connect && tries < 200 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Err(e) => panic!("connect to QEMU's QMP socket: {e}"),
+            }
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
