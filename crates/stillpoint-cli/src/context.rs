@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{ArgAction, Args};
+use stillpoint_engine::freeze::GuardContext;
+use stillpoint_engine::guardian::GuardianCommand;
+use stillpoint_platform::Platforms;
 use stillpoint_platform::qemu::QemuInventory;
 
 use crate::config::LoadedConfig;
@@ -66,9 +69,22 @@ impl Context {
     }
 
     /// Every QEMU VM known by name (configured and launched).
-    #[allow(dead_code)]
     pub fn qemu_inventory(&self) -> QemuInventory {
         QemuInventory::new(self.config.qemu_vms(), self.runtime_root.clone())
+    }
+
+    /// The platform drivers, ready to resolve VM references.
+    pub fn platforms(&self) -> Platforms {
+        Platforms::new(self.qemu_inventory())
+    }
+
+    /// Where freeze leases live and how to start the guardian (this very binary).
+    pub fn guard_context(&self) -> anyhow::Result<GuardContext> {
+        Ok(GuardContext {
+            runtime_root: self.runtime_root.clone(),
+            config: self.config.path.clone(),
+            guardian: GuardianCommand::current_exe()?,
+        })
     }
 }
 

@@ -10,6 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+pub use stillpoint_platform::RunState;
 
 /// How consistent a backup is, from weakest to strongest (the order is meaningful).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -97,16 +98,6 @@ impl FromStr for OnQuiesceFailure {
             )),
         }
     }
-}
-
-/// Whether the VM runs, as the platform reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RunState {
-    Running,
-    Paused,
-    /// The VM's process is not there (stopped or never started).
-    NotRunning,
 }
 
 /// What the preflight learned about the guest agent.

@@ -7,6 +7,8 @@
 
 pub mod consistency;
 pub mod error;
+pub mod freeze;
 pub mod guardian;
+pub mod preflight;
 
 pub use error::{EngineError, EngineErrorKind, Result};

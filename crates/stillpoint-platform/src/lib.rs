@@ -9,8 +9,49 @@
 //!
 //! VM references are `NAME` (the default platform, `qemu`) or `PLATFORM:NAME`.
 
+pub mod agent;
 pub mod error;
 pub mod qemu;
 pub mod runtime;
+pub mod vm;
 
+pub use agent::GuestAgent;
 pub use error::{PlatformError, PlatformErrorKind, Result};
+pub use vm::{PlatformKind, RunState, Vm, VmRef, VmStatus};
+
+use std::sync::Arc;
+
+/// Every platform driver this build has, ready to resolve VM references.
+#[derive(Debug, Clone)]
+pub struct Platforms {
+    pub qemu: qemu::QemuInventory,
+    /// Timeouts for guest agent calls (the freeze timeout is given per call).
+    pub agent_timeouts: stillpoint_qga::Timeouts,
+}
+
+impl Platforms {
+    pub fn new(qemu: qemu::QemuInventory) -> Self {
+        Self {
+            qemu,
+            agent_timeouts: stillpoint_qga::Timeouts::default(),
+        }
+    }
+
+    /// Finds the VM a reference (`NAME` or `PLATFORM:NAME`) names.
+    pub fn resolve(&self, reference: &str) -> Result<Arc<dyn Vm>> {
+        let vm_ref = VmRef::parse(reference)?;
+        match vm_ref.platform {
+            PlatformKind::Qemu => {
+                let spec = self.qemu.find(&vm_ref.name)?;
+                Ok(Arc::new(qemu::QemuVm::new(spec, self.agent_timeouts)))
+            }
+            other => Err(PlatformError::new(
+                PlatformErrorKind::UnsupportedPlatform,
+                format!(
+                    "VM `{reference}`: the {} driver is not part of this build yet (only qemu is)",
+                    other.as_str()
+                ),
+            )),
+        }
+    }
+}

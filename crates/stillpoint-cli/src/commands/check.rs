@@ -1,17 +1,148 @@
-//! `stillpoint check`.
+//! `stillpoint check VM`: which consistency level a VM can reach now, and why not the others.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Args;
+use stillpoint_engine::consistency::{self, AgentFacts, Assessment, RecipeFacts};
+use stillpoint_engine::preflight::{self, PreflightReport};
+use stillpoint_recipe::model::{HookType, Target};
 
 use crate::context::Context;
+use crate::output::{self, EXIT_OK};
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Exit codes: 0 the check ran (the achievable level is in the output); 1 the VM \
+    could not be looked at (unknown VM, monitor not answering)."
+)]
 pub struct CheckArgs {
-    /// The VM (NAME or PLATFORM:REF).
+    /// The VM (NAME or PLATFORM:NAME).
     pub vm: String,
+    /// A recipe to assess the application level with (without one, application is out of reach).
+    #[arg(long, value_name = "FILE")]
+    pub recipe: Option<PathBuf>,
 }
 
-pub async fn run(_ctx: &Context, _args: CheckArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`stillpoint check` is not implemented yet")
+pub async fn run(ctx: &Context, args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let recipe = match &args.recipe {
+        Some(path) => Some(recipe_facts(path)?),
+        None => None,
+    };
+    let vm = ctx.platforms().resolve(&args.vm)?;
+    let report = preflight::gather(vm.as_ref(), recipe)
+        .await
+        .with_context(|| format!("cannot check VM `{}`", args.vm))?;
+    let assessment = consistency::assess(&report.facts);
+    if ctx.global.json {
+        output::print_json(&serde_json::json!({
+            "vm": args.vm,
+            "state": report.facts.run_state,
+            "state_detail": report.status_detail,
+            "agent": report.facts.agent,
+            "achievable": assessment.achievable,
+            "levels": assessment.levels,
+            "indication": assessment.indication,
+            "notes": assessment.notes,
+        }))?;
+    } else {
+        print_human(&args.vm, &report, &assessment);
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// What the consistency decision needs to know about a recipe.
+pub fn recipe_facts(path: &std::path::Path) -> anyhow::Result<RecipeFacts> {
+    let valid = stillpoint_recipe::load_recipe(path, &Default::default())
+        .with_context(|| format!("recipe {} is not usable", path.display()))?;
+    let recipe = valid.recipe;
+    let needs_guest_exec = recipe.hooks.iter().any(|hook| {
+        hook.target.value == Target::Guest
+            && matches!(hook.hook_type.value, HookType::Exec | HookType::Check)
+    });
+    let name = recipe
+        .name
+        .clone()
+        .unwrap_or_else(|| path.display().to_string());
+    Ok(RecipeFacts {
+        name,
+        needs_guest_exec,
+    })
+}
+
+fn yes_no(value: bool) -> &'static str {
+    if value { "enabled" } else { "DISABLED" }
+}
+
+fn print_human(vm: &str, report: &PreflightReport, assessment: &Assessment) {
+    println!("VM {vm}: {}", report.status_detail);
+    match &report.facts.agent {
+        AgentFacts::NoChannel => println!("Guest agent: none (the VM has no agent channel)"),
+        AgentFacts::Unreachable { reason } => println!("Guest agent: not answering ({reason})"),
+        AgentFacts::Reachable(agent) => {
+            println!("Guest agent: qemu-ga {}", agent.version);
+            println!(
+                "  freeze {}, freeze of listed mounts {}, thaw {}, guest-exec {}",
+                yes_no(agent.freeze_enabled),
+                yes_no(agent.freeze_list_enabled),
+                yes_no(agent.thaw_enabled),
+                yes_no(agent.exec_enabled)
+            );
+            if agent.already_frozen {
+                println!("  the guest is FROZEN now");
+            }
+            match &agent.os {
+                Some(os) => println!(
+                    "Guest OS: {} ({}{})",
+                    os.pretty_name.as_deref().unwrap_or("unknown"),
+                    os.id,
+                    os.kernel_release
+                        .as_deref()
+                        .map(|k| format!(", kernel {k}"))
+                        .unwrap_or_default()
+                ),
+                None => println!("Guest OS: unknown (guest-get-osinfo failed)"),
+            }
+            if let Some(selinux) = &agent.selinux {
+                println!("SELinux: {selinux}");
+            }
+            println!("Filesystems a freeze covers:");
+            if agent.covered_filesystems.is_empty() {
+                println!("  none reported by the agent");
+            }
+            for fs in &agent.covered_filesystems {
+                println!("  {:<20} {:<8} {}", fs.mountpoint, fs.fs_type, fs.source);
+            }
+            match &agent.uncovered_filesystems {
+                Some(uncovered) if uncovered.is_empty() => {
+                    println!("Filesystems a freeze cannot cover (network, FUSE): none")
+                }
+                Some(uncovered) => {
+                    println!("Filesystems a freeze cannot cover (network, FUSE):");
+                    for fs in uncovered {
+                        println!("  {:<20} {:<8} {}", fs.mountpoint, fs.fs_type, fs.source);
+                    }
+                }
+                None => {
+                    println!("Filesystems a freeze cannot cover: unknown (guest-exec unavailable)")
+                }
+            }
+        }
+    }
+    println!("Achievable consistency: {}", assessment.achievable);
+    for verdict in &assessment.levels {
+        if verdict.achievable {
+            println!("  {:<12} yes", verdict.level.as_str());
+        } else {
+            println!(
+                "  {:<12} no: {}",
+                verdict.level.as_str(),
+                verdict.reasons.join("; ")
+            );
+        }
+    }
+    for note in &assessment.notes {
+        println!("Note: {note}");
+    }
 }

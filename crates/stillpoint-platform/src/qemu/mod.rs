@@ -1,5 +1,7 @@
 //! The plain-QEMU driver: VMs reached through their QMP and guest agent unix sockets.
 
 pub mod inventory;
+pub mod vm;
 
 pub use inventory::{QemuInventory, QemuVmSpec, SpecOrigin};
+pub use vm::QemuVm;

@@ -1,0 +1,454 @@
+//! Guarded freeze and thaw of a VM's filesystems.
+//!
+//! Every freeze stillpoint makes is covered by a lease and a guardian process (see
+//! [`crate::guardian`]) started **before** the freeze is asked for, so that no path — an
+//! error, a timeout, SIGKILL of the freezer — leaves the guest frozen:
+//! - [`freeze_vm`] / [`unfreeze_vm`]: the `stillpoint freeze` / `unfreeze` commands, with
+//!   KubeVirt virt-freezer's semantics (no agent or not running → nothing to do, success;
+//!   freezing a frozen guest does not stack; the guardian thaws after the unfreeze timeout).
+//! - [`GuardedFreeze`]: the freeze a backup holds across the capture start only; its guardian
+//!   thaws at once if the backup process dies.
+//! - [`thaw_attempt`]: what a guardian does when its time has come.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use stillpoint_platform::{GuestAgent, RunState, Vm};
+use stillpoint_qga::{DisabledReason, ErrorKind as AgentErrorKind, FreezeStatus};
+
+use crate::error::{EngineError, EngineErrorKind, Result};
+use crate::guardian::{self, GuardianCommand, Lease, ThawAttempt};
+use crate::preflight::error_chain;
+
+/// Where leases live and how to start a guardian; the same for every freeze of one process.
+#[derive(Debug, Clone)]
+pub struct GuardContext {
+    pub runtime_root: PathBuf,
+    /// The configuration file in use, handed to the guardian so it finds the VM the same way.
+    pub config: Option<PathBuf>,
+    pub guardian: GuardianCommand,
+}
+
+/// What `stillpoint freeze` did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "outcome")]
+pub enum FreezeOutcome {
+    Frozen {
+        filesystems: u32,
+        /// How long the agent's freeze call took.
+        took_ms: u64,
+        /// When the guardian thaws on its own (ms since the Unix epoch); `None`: never.
+        auto_thaw_at_ms: Option<u64>,
+        guardian_pid: Option<u32>,
+    },
+    /// The guest was frozen already; nothing was stacked and no timer was reset.
+    AlreadyFrozen,
+    /// No agent to freeze with (no channel, or nothing answers): nothing to do.
+    NoAgent { reason: String },
+    /// The VM does not run: nothing to do.
+    NotRunning { detail: String },
+}
+
+/// What `stillpoint unfreeze` did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "outcome")]
+pub enum UnfreezeOutcome {
+    Thawed {
+        filesystems: u32,
+        took_ms: u64,
+    },
+    /// The guest was not frozen; unfreezing it is a success.
+    WasNotFrozen,
+    NoAgent {
+        reason: String,
+    },
+    NotRunning {
+        detail: String,
+    },
+}
+
+/// Whether to go on with an agent, or why there is nothing to do (virt-freezer's exit-0 cases).
+enum AgentReach {
+    Ready(std::sync::Arc<dyn GuestAgent>),
+    NoAgent(String),
+    NotRunning(String),
+}
+
+async fn reach_agent(vm: &dyn Vm) -> Result<AgentReach> {
+    let status = vm.status().await.map_err(platform_error)?;
+    if status.state == RunState::NotRunning {
+        return Ok(AgentReach::NotRunning(status.detail));
+    }
+    if status.state == RunState::Paused {
+        return Ok(AgentReach::NotRunning(format!(
+            "the VM is {}, no need to freeze or thaw",
+            status.detail
+        )));
+    }
+    let Some(agent) = vm.agent() else {
+        return Ok(AgentReach::NoAgent(
+            "the VM has no guest agent channel".into(),
+        ));
+    };
+    match agent.ping().await {
+        Ok(()) => Ok(AgentReach::Ready(agent)),
+        Err(error)
+            if matches!(
+                error.kind(),
+                AgentErrorKind::NotAnswering { .. } | AgentErrorKind::Connect
+            ) =>
+        {
+            agent.release().await;
+            Ok(AgentReach::NoAgent(format!(
+                "the guest agent does not answer: {}",
+                error_chain(&error)
+            )))
+        }
+        Err(error) => Err(agent_error(vm, "ping failed", error)),
+    }
+}
+
+/// `stillpoint freeze`: freeze the guest's filesystems, with a guardian that thaws after
+/// `unfreeze_timeout` (`None`: stays frozen until `unfreeze`).
+pub async fn freeze_vm(
+    vm: &dyn Vm,
+    guard: &GuardContext,
+    unfreeze_timeout: Option<Duration>,
+    freeze_timeout: Duration,
+) -> Result<FreezeOutcome> {
+    let agent = match reach_agent(vm).await? {
+        AgentReach::Ready(agent) => agent,
+        AgentReach::NoAgent(reason) => return Ok(FreezeOutcome::NoAgent { reason }),
+        AgentReach::NotRunning(detail) => return Ok(FreezeOutcome::NotRunning { detail }),
+    };
+    let outcome =
+        freeze_with_lease(vm, agent.as_ref(), guard, unfreeze_timeout, freeze_timeout).await;
+    agent.release().await;
+    outcome
+}
+
+async fn freeze_with_lease(
+    vm: &dyn Vm,
+    agent: &dyn GuestAgent,
+    guard: &GuardContext,
+    unfreeze_timeout: Option<Duration>,
+    freeze_timeout: Duration,
+) -> Result<FreezeOutcome> {
+    if agent
+        .freeze_status()
+        .await
+        .map_err(|e| agent_error(vm, "fsfreeze-status failed", e))?
+        == FreezeStatus::Frozen
+    {
+        return Ok(FreezeOutcome::AlreadyFrozen);
+    }
+    let reference = vm.reference().to_string();
+    let lease_path = guardian::lease_path(&guard.runtime_root, &reference);
+    let mut lease = Lease {
+        vm: reference.clone(),
+        config: guard.config.clone(),
+        runtime_root: guard.runtime_root.clone(),
+        token: guardian::new_token(),
+        holder_pid: std::process::id(),
+        watch_holder: false,
+        frozen_at_ms: guardian::now_ms(),
+        // Provisional: the guardian must cover a freeze that hangs, too.
+        deadline_ms: unfreeze_timeout
+            .map(|t| guardian::now_ms() + (freeze_timeout + t).as_millis() as u64),
+        thaw_now: false,
+        guardian_pid: None,
+    };
+    guardian::write_lease(&lease_path, &lease)?;
+    if unfreeze_timeout.is_some() {
+        lease.guardian_pid = Some(guard.guardian.spawn(&lease_path).await.inspect_err(|_| {
+            let _ = guardian::remove_lease(&lease_path, &lease.token);
+        })?);
+        guardian::write_lease(&lease_path, &lease)?;
+    }
+    let started = Instant::now();
+    match agent.freeze(freeze_timeout).await {
+        Ok(filesystems) => {
+            lease.frozen_at_ms = guardian::now_ms();
+            lease.deadline_ms = unfreeze_timeout.map(|t| lease.frozen_at_ms + t.as_millis() as u64);
+            guardian::write_lease(&lease_path, &lease)?;
+            Ok(FreezeOutcome::Frozen {
+                filesystems,
+                took_ms: started.elapsed().as_millis() as u64,
+                auto_thaw_at_ms: lease.deadline_ms,
+                guardian_pid: lease.guardian_pid,
+            })
+        }
+        Err(error) => Err(freeze_failed(vm, agent, guard, &lease_path, lease, error).await),
+    }
+}
+
+/// After a failed freeze: make sure the guest ends up thawed, and say what happened.
+async fn freeze_failed(
+    vm: &dyn Vm,
+    agent: &dyn GuestAgent,
+    guard: &GuardContext,
+    lease_path: &std::path::Path,
+    mut lease: Lease,
+    error: stillpoint_qga::Error,
+) -> EngineError {
+    if let AgentErrorKind::Timeout { after } = error.kind() {
+        // The agent is still busy with the freeze (a hook hangs). Hand the thaw to a guardian,
+        // which thaws as soon as the agent answers again; we must let go of the channel.
+        let after = *after;
+        lease.thaw_now = true;
+        let handed_over = async {
+            guardian::write_lease(lease_path, &lease)?;
+            if lease.guardian_pid.is_none() {
+                guard.guardian.spawn(lease_path).await?;
+            }
+            Ok::<(), EngineError>(())
+        }
+        .await;
+        agent.release().await;
+        let message = format!(
+            "VM `{}`: the freeze did not complete within {} s (a freeze hook in the guest may hang); {}",
+            vm.reference(),
+            after.as_secs(),
+            match handed_over {
+                Ok(()) =>
+                    "the guardian thaws the guest as soon as the agent answers again".to_string(),
+                Err(handover) => format!(
+                    "starting a guardian to thaw it failed too: {}",
+                    error_chain(&handover)
+                ),
+            }
+        );
+        return EngineError::new(EngineErrorKind::Agent, message).with_source(error);
+    }
+    // The agent thaws everything itself when a freeze fails; thaw again to be sure.
+    let thawed = agent.thaw().await;
+    let _ = guardian::remove_lease(lease_path, &lease.token);
+    let what = match error.kind() {
+        AgentErrorKind::CommandDisabled {
+            reason: DisabledReason::Policy { .. },
+        } => "guest-fsfreeze-freeze is disabled in the guest agent (e.g. --block-rpcs)".to_string(),
+        _ => "the freeze failed".to_string(),
+    };
+    let what = match thawed {
+        Ok(_) => what,
+        Err(thaw_error) => format!(
+            "{what}, and the thaw after it failed too ({})",
+            error_chain(&thaw_error)
+        ),
+    };
+    agent_error(vm, &what, error)
+}
+
+/// `stillpoint unfreeze`: stop any guardian's timer and thaw.
+pub async fn unfreeze_vm(vm: &dyn Vm, guard: &GuardContext) -> Result<UnfreezeOutcome> {
+    let reference = vm.reference().to_string();
+    let lease_path = guardian::lease_path(&guard.runtime_root, &reference);
+    let agent = match reach_agent(vm).await? {
+        AgentReach::Ready(agent) => agent,
+        AgentReach::NoAgent(reason) => return Ok(UnfreezeOutcome::NoAgent { reason }),
+        AgentReach::NotRunning(detail) => {
+            release_lease(&lease_path);
+            return Ok(UnfreezeOutcome::NotRunning { detail });
+        }
+    };
+    let result = async {
+        let status = agent
+            .freeze_status()
+            .await
+            .map_err(|e| agent_error(vm, "fsfreeze-status failed", e))?;
+        if status == FreezeStatus::Thawed {
+            release_lease(&lease_path);
+            return Ok(UnfreezeOutcome::WasNotFrozen);
+        }
+        let started = Instant::now();
+        let filesystems = agent
+            .thaw()
+            .await
+            .map_err(|e| agent_error(vm, "the thaw failed", e))?;
+        release_lease(&lease_path);
+        Ok(UnfreezeOutcome::Thawed {
+            filesystems,
+            took_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+    .await;
+    agent.release().await;
+    result
+}
+
+/// Removes a VM's lease whoever holds it: an unfreeze ends every freeze of the guest.
+fn release_lease(lease_path: &std::path::Path) {
+    if let Ok(Some(lease)) = guardian::read_lease(lease_path) {
+        let _ = guardian::remove_lease(lease_path, &lease.token);
+    }
+}
+
+/// One guardian attempt to thaw a VM: `Thawed` only when the agent then reports `thawed`.
+pub async fn thaw_attempt(vm: &dyn Vm) -> ThawAttempt {
+    let status = match vm.status().await {
+        Ok(status) => status,
+        Err(error) => return ThawAttempt::Retry(error_chain(&error)),
+    };
+    if status.state == RunState::NotRunning {
+        return ThawAttempt::NotFrozen(format!("the VM is not running ({})", status.detail));
+    }
+    let Some(agent) = vm.agent() else {
+        return ThawAttempt::NotFrozen("the VM has no guest agent channel".into());
+    };
+    let attempt = async {
+        match agent.freeze_status().await {
+            Ok(FreezeStatus::Thawed) => {
+                return ThawAttempt::NotFrozen("the guest is already thawed".into());
+            }
+            Ok(FreezeStatus::Frozen) => {}
+            Err(error) => return ThawAttempt::Retry(error_chain(&error)),
+        }
+        let thawed = match agent.thaw().await {
+            Ok(count) => count,
+            Err(error) => return ThawAttempt::Retry(error_chain(&error)),
+        };
+        match agent.freeze_status().await {
+            Ok(FreezeStatus::Thawed) => ThawAttempt::Thawed(thawed),
+            Ok(FreezeStatus::Frozen) => {
+                ThawAttempt::Retry("the guest still reports frozen after the thaw".into())
+            }
+            Err(error) => ThawAttempt::Retry(error_chain(&error)),
+        }
+    }
+    .await;
+    agent.release().await;
+    attempt
+}
+
+/// A backup's freeze, held only across the capture start. Its guardian watches this
+/// process: if it dies while frozen, the guest is thawed at once; if the capture outlives
+/// `hold_limit`, the guardian stops this process and thaws.
+pub struct GuardedFreeze {
+    agent: std::sync::Arc<dyn GuestAgent>,
+    lease_path: PathBuf,
+    token: String,
+    frozen_at: Instant,
+    /// How many filesystems the agent froze.
+    pub filesystems: u32,
+    /// How long the freeze call took.
+    pub freeze_took: Duration,
+}
+
+/// What a guarded freeze recorded once thawed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FreezeWindow {
+    pub filesystems: u32,
+    pub freeze_ms: f64,
+    /// From the end of the freeze call to the end of the thaw call: the time writers in the
+    /// guest were blocked (plus the freeze call's own flush).
+    pub frozen_ms: f64,
+    pub thaw_ms: f64,
+    pub thawed_filesystems: u32,
+}
+
+impl GuardedFreeze {
+    /// Starts a guardian, then freezes. On error nothing stays frozen.
+    pub async fn freeze(
+        vm: &dyn Vm,
+        agent: std::sync::Arc<dyn GuestAgent>,
+        guard: &GuardContext,
+        freeze_timeout: Duration,
+        hold_limit: Duration,
+    ) -> Result<Self> {
+        let reference = vm.reference().to_string();
+        let lease_path = guardian::lease_path(&guard.runtime_root, &reference);
+        let mut lease = Lease {
+            vm: reference,
+            config: guard.config.clone(),
+            runtime_root: guard.runtime_root.clone(),
+            token: guardian::new_token(),
+            holder_pid: std::process::id(),
+            watch_holder: true,
+            frozen_at_ms: guardian::now_ms(),
+            deadline_ms: Some(
+                guardian::now_ms() + (freeze_timeout + hold_limit).as_millis() as u64,
+            ),
+            thaw_now: false,
+            guardian_pid: None,
+        };
+        guardian::write_lease(&lease_path, &lease)?;
+        match guard.guardian.spawn(&lease_path).await {
+            Ok(pid) => lease.guardian_pid = Some(pid),
+            Err(error) => {
+                let _ = guardian::remove_lease(&lease_path, &lease.token);
+                return Err(error);
+            }
+        }
+        guardian::write_lease(&lease_path, &lease)?;
+        let started = Instant::now();
+        match agent.freeze(freeze_timeout).await {
+            Ok(filesystems) => Ok(Self {
+                agent,
+                lease_path,
+                token: lease.token,
+                frozen_at: Instant::now(),
+                filesystems,
+                freeze_took: started.elapsed(),
+            }),
+            Err(error) => {
+                Err(freeze_failed(vm, agent.as_ref(), guard, &lease_path, lease, error).await)
+            }
+        }
+    }
+
+    /// Thaws and releases the guardian. Consumes the freeze: it cannot be thawed twice.
+    pub async fn thaw(self) -> (FreezeWindow, Result<()>) {
+        let started = Instant::now();
+        let result = self.agent.thaw().await;
+        let thaw_took = started.elapsed();
+        let frozen = self.frozen_at.elapsed();
+        let window = |thawed| FreezeWindow {
+            filesystems: self.filesystems,
+            freeze_ms: ms(self.freeze_took),
+            frozen_ms: ms(frozen),
+            thaw_ms: ms(thaw_took),
+            thawed_filesystems: thawed,
+        };
+        match result {
+            Ok(thawed) => {
+                let _ = guardian::remove_lease(&self.lease_path, &self.token);
+                (window(thawed), Ok(()))
+            }
+            Err(error) => {
+                // Leave the lease to the guardian, which keeps trying; tell it to act now.
+                if let Ok(Some(mut lease)) = guardian::read_lease(&self.lease_path)
+                    && lease.token == self.token
+                {
+                    lease.thaw_now = true;
+                    let _ = guardian::write_lease(&self.lease_path, &lease);
+                }
+                self.agent.release().await;
+                (
+                    window(0),
+                    Err(EngineError::new(
+                        EngineErrorKind::Agent,
+                        "the thaw after the capture failed; the guardian keeps trying to thaw",
+                    )
+                    .with_source(error)),
+                )
+            }
+        }
+    }
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+fn platform_error(error: stillpoint_platform::PlatformError) -> EngineError {
+    EngineError::new(EngineErrorKind::Platform, "cannot look at the VM").with_source(error)
+}
+
+fn agent_error(vm: &dyn Vm, what: &str, error: stillpoint_qga::Error) -> EngineError {
+    EngineError::new(
+        EngineErrorKind::Agent,
+        format!("VM `{}`: {what}", vm.reference()),
+    )
+    .with_source(error)
+}

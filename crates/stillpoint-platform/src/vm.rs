@@ -1,0 +1,127 @@
+//! The VM capability every platform provides: its identity, whether it runs, its agent.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::agent::GuestAgent;
+use crate::error::{PlatformError, PlatformErrorKind, Result};
+
+/// The platforms a VM reference may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlatformKind {
+    Qemu,
+    Libvirt,
+    Kubevirt,
+}
+
+impl PlatformKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlatformKind::Qemu => "qemu",
+            PlatformKind::Libvirt => "libvirt",
+            PlatformKind::Kubevirt => "kubevirt",
+        }
+    }
+}
+
+/// `NAME` (on the default platform, qemu) or `PLATFORM:NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VmRef {
+    pub platform: PlatformKind,
+    pub name: String,
+}
+
+impl VmRef {
+    pub fn parse(reference: &str) -> Result<Self> {
+        let (platform, name) = match reference.split_once(':') {
+            None => (PlatformKind::Qemu, reference),
+            Some(("qemu", name)) => (PlatformKind::Qemu, name),
+            Some(("libvirt", name)) => (PlatformKind::Libvirt, name),
+            Some(("kubevirt", name)) => (PlatformKind::Kubevirt, name),
+            Some((other, _)) => {
+                return Err(PlatformError::new(
+                    PlatformErrorKind::UnsupportedPlatform,
+                    format!(
+                        "VM reference `{reference}`: unknown platform `{other}` (expected qemu, libvirt or kubevirt)"
+                    ),
+                ));
+            }
+        };
+        if name.is_empty() {
+            return Err(PlatformError::new(
+                PlatformErrorKind::VmNotFound,
+                format!("VM reference `{reference}` has no VM name"),
+            ));
+        }
+        Ok(Self {
+            platform,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for VmRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.platform {
+            PlatformKind::Qemu => f.write_str(&self.name),
+            other => write!(f, "{}:{}", other.as_str(), self.name),
+        }
+    }
+}
+
+/// Whether the VM runs, as its platform reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    Running,
+    /// The VM exists but its vCPUs do not run (paused, io-error, migrating…).
+    Paused,
+    /// The VM's process is not there (stopped, shut down or never started).
+    NotRunning,
+}
+
+/// What the platform says about the VM's state, with the platform's own word for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub state: RunState,
+    /// E.g. QEMU's `running`, `paused`, `io-error`; or why the VM is not running.
+    pub detail: String,
+}
+
+/// One VM on some platform.
+#[async_trait]
+pub trait Vm: Send + Sync {
+    fn reference(&self) -> &VmRef;
+    async fn status(&self) -> Result<VmStatus>;
+    /// The guest agent, when the VM has an agent channel at all.
+    fn agent(&self) -> Option<Arc<dyn GuestAgent>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse_with_default_platform() {
+        assert_eq!(
+            VmRef::parse("demo").unwrap(),
+            VmRef {
+                platform: PlatformKind::Qemu,
+                name: "demo".into()
+            }
+        );
+        assert_eq!(VmRef::parse("qemu:demo").unwrap().to_string(), "demo");
+        assert_eq!(
+            VmRef::parse("kubevirt:ns/vm").unwrap().to_string(),
+            "kubevirt:ns/vm"
+        );
+        let error = VmRef::parse("xen:vm").unwrap_err();
+        assert_eq!(error.kind(), PlatformErrorKind::UnsupportedPlatform);
+        assert!(error.to_string().contains("unknown platform `xen`"));
+        assert!(VmRef::parse("qemu:").is_err());
+    }
+}
