@@ -170,6 +170,7 @@ impl LaunchedVm {
             .stderr(log_err);
         configure_lifetime(&mut command, options.lifetime);
         let child = command.spawn().map_err(|e| {
+            let _ = std::fs::remove_dir_all(&dir);
             Error::new(
                 ErrorKind::QemuStart,
                 format!("cannot start `{}`", qemu.display()),

@@ -373,3 +373,86 @@ async fn a_guest_that_cannot_boot_fails_with_its_console() {
         "the console tail is in the message: {message}"
     );
 }
+
+/// Two builders at once (threads with their own open file descriptions of the lock file, which
+/// `flock` treats like separate processes) build the image once; a changed recipe builds a new
+/// image beside it. Uses the real apt-get download, in a cache of its own.
+#[test]
+fn concurrent_builds_build_once_and_a_recipe_change_rebuilds() {
+    use stillpoint_testvm::{GuestImage, GuestRecipe};
+    let cache = tempfile::tempdir().expect("tempdir");
+    let recipe = GuestRecipe::default();
+    let builders: Vec<_> = (0..2)
+        .map(|_| {
+            let (cache, recipe) = (cache.path().to_owned(), recipe.clone());
+            std::thread::spawn(move || GuestImage::ensure_in(&cache, &recipe))
+        })
+        .collect();
+    let images: Vec<GuestImage> = builders
+        .into_iter()
+        .map(|b| b.join().expect("thread").expect("build"))
+        .collect();
+    assert_eq!(images[0].dir(), images[1].dir());
+    assert_eq!(
+        images[0].manifest(),
+        images[1].manifest(),
+        "the second builder found the first's image"
+    );
+    let entries = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("list cache")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        entries(cache.path()),
+        ["build.lock".to_owned(), format!("guest-{}", recipe.key())]
+    );
+    let manifest = images[0].manifest();
+    assert!(manifest.packages.contains_key("qemu-guest-agent"));
+    assert_eq!(
+        manifest
+            .libraries
+            .get("libglib-2.0.so.0")
+            .map(String::as_str),
+        Some("libglib2.0-0")
+    );
+    assert!(
+        manifest.kernel_release.ends_with("-cloud-amd64"),
+        "{}",
+        manifest.kernel_release
+    );
+
+    let mut changed = recipe.clone();
+    changed.init_script.push_str("# a changed recipe\n");
+    let rebuilt = GuestImage::ensure_in(cache.path(), &changed).expect("rebuild");
+    assert_ne!(rebuilt.dir(), images[0].dir());
+    assert!(images[0].initramfs().is_file(), "the old image stays");
+    assert_eq!(entries(cache.path()).len(), 3);
+}
+
+#[test]
+fn a_package_that_does_not_exist_is_named_in_the_error() {
+    use stillpoint_testvm::{ErrorKind, GuestImage, GuestRecipe};
+    let cache = tempfile::tempdir().expect("tempdir");
+    let recipe = GuestRecipe {
+        busybox_package: "stillpoint-no-such-package".into(),
+        ..GuestRecipe::default()
+    };
+    let error = GuestImage::ensure_in(cache.path(), &recipe).expect_err("no such package");
+    assert_eq!(error.kind(), ErrorKind::Package);
+    let message = error.to_string();
+    assert!(message.contains("downloading Debian packages"), "{message}");
+    assert!(message.contains("stillpoint-no-such-package"), "{message}");
+    let left: Vec<_> = std::fs::read_dir(cache.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(
+        left,
+        ["build.lock"],
+        "no image and no work directory left behind"
+    );
+}
