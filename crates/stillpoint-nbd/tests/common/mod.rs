@@ -138,6 +138,21 @@ impl QemuNoGuest {
         QemuNoGuest { child, qmp_socket }
     }
 
+    /// Connects over QMP, retrying while QEMU has bound but not yet listens.
+    pub async fn connect(&self) -> stillpoint_qmp::Qmp {
+        let mut tries = 0;
+        loop {
+            match stillpoint_qmp::Qmp::connect_unix(&self.qmp_socket).await {
+                Ok(qmp) => return qmp,
+                Err(e) if e.kind() == &stillpoint_qmp::ErrorKind::Connect && tries < 200 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Err(e) => panic!("connect to QEMU's QMP socket: {e}"),
+            }
+        }
+    }
+
     pub async fn wait_exit(mut self) -> std::process::ExitStatus {
         tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
