@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod context;
 mod output;
+mod password;
 
 use std::process::ExitCode;
 
