@@ -19,7 +19,7 @@ pub const DEFAULT_MEMORY_MIB: u32 = 256;
 /// One data disk: an ext4 file system on a fresh qcow2 image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskSpec {
-    /// Virtual size in bytes (a multiple of 512, at least [`MIN_DISK_SIZE`]).
+    /// Virtual size in bytes (a multiple of 512, at least 16 MiB).
     pub size: u64,
 }
 
