@@ -151,7 +151,9 @@ async fn freeze_with_lease(
         runtime_root: guard.runtime_root.clone(),
         token: guardian::new_token(),
         holder_pid: std::process::id(),
-        watch_holder: false,
+        // Until the freeze call returns, a dead freezer means nobody will report the freeze:
+        // the guardian thaws at once. Afterwards the freezer may exit (virt-freezer does).
+        watch_holder: true,
         frozen_at_ms: guardian::now_ms(),
         // Provisional: the guardian must cover a freeze that hangs, too.
         deadline_ms: unfreeze_timeout
@@ -171,6 +173,7 @@ async fn freeze_with_lease(
         Ok(filesystems) => {
             lease.frozen_at_ms = guardian::now_ms();
             lease.deadline_ms = unfreeze_timeout.map(|t| lease.frozen_at_ms + t.as_millis() as u64);
+            lease.watch_holder = false;
             guardian::write_lease(&lease_path, &lease)?;
             Ok(FreezeOutcome::Frozen {
                 filesystems,
