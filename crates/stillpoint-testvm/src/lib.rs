@@ -54,6 +54,7 @@ mod record;
 mod tool;
 mod vm;
 mod wait;
+mod workload;
 
 pub use crate::config::{
     DEFAULT_DISK_SIZE, DEFAULT_MEMORY_MIB, DiskSpec, MAX_DISKS, VmConfig, parse_disk_size,
@@ -68,6 +69,7 @@ pub use crate::record::{DiskRecord, RECORD_FILE, VmRecord};
 pub use crate::vm::{
     BOOT_TIMEOUT, LaunchOptions, LaunchedVm, Lifetime, ListedVm, MARKER_AGENT_DISABLED,
     MARKER_AGENT_STARTING, MARKER_DISKS_MOUNTED, MARKER_ERROR, MARKER_PREFIX, MARKER_READY,
-    StopOutcome, list_vms, stop_vm,
+    Restart, StopOutcome, list_vms, stop_vm,
 };
 pub use crate::wait::{POLL_INTERVAL, wait_until};
+pub use crate::workload::{WRITER_MARK, WriterSample, parse_writer_samples, stall_writer_script};

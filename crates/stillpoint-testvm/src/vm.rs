@@ -41,6 +41,15 @@ const MONITOR_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many console lines go into error messages.
 const CONSOLE_TAIL_LINES: usize = 25;
 
+/// How [`LaunchedVm::restart`] ends QEMU before starting it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// QMP `quit`: QEMU closes its images cleanly (persistent dirty bitmaps are written).
+    Quit,
+    /// SIGKILL, as in a crash of QEMU or of the host.
+    Kill,
+}
+
 /// What happens to QEMU when the launching process goes away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifetime {
@@ -476,6 +485,85 @@ impl LaunchedVm {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
+    }
+
+    /// Ends QEMU the way `how` says, then starts it again on the same disk files, initramfs
+    /// and sockets, and waits until the guest is ready. For tests of what survives a QEMU
+    /// restart (persistent dirty bitmaps survive a clean `quit`, not a crash). Attached VMs
+    /// only. Close your own QMP connection first: the monitor takes one client at a time.
+    pub async fn restart(&mut self, how: Restart) -> Result<()> {
+        if self.lifetime != Lifetime::Attached {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "only VMs attached to this process can be restarted",
+            )
+            .with_vm(&self.config.name));
+        }
+        if how == Restart::Quit && self.is_running() {
+            probe::monitor_command(&self.record.qmp_socket, "quit", Duration::from_secs(10))
+                .await
+                .map_err(|error| error.with_vm(&self.config.name))?;
+            let exited = wait_until(Duration::from_secs(30), || {
+                std::future::ready(!self.is_running())
+            })
+            .await;
+            if !exited {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    "QEMU did not exit within 30 s of `quit`",
+                )
+                .with_vm(&self.config.name));
+            }
+        }
+        // Reaps a quit QEMU; kills a running one (Restart::Kill) like a crash would.
+        self.kill();
+
+        let accel = Accel::from_env()?;
+        let qemu = find_tool("qemu-system-x86_64", "qemu-system-x86")?;
+        let image = tokio::task::spawn_blocking(GuestImage::ensure)
+            .await
+            .map_err(|e| {
+                Error::new(ErrorKind::GuestBuild, "finding the guest image panicked").with_source(e)
+            })??;
+        let files = VmFiles {
+            kernel: image.kernel(),
+            initrd: self.dir.join("initramfs.cpio.gz"),
+            console_log: self.record.console_log.clone(),
+            qmp_socket: self.record.qmp_socket.clone(),
+            qga_socket: self.record.qga_socket.clone(),
+            disks: self.record.disks.iter().map(|d| d.path.clone()).collect(),
+        };
+        let args = qemu_args(&self.config, &files, accel)?;
+        let log_path = self.dir.join("qemu.log");
+        let log =
+            std::fs::File::create(&log_path).map_err(|e| Error::io("create", &log_path, e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| Error::io("reopen", &log_path, e))?;
+        let mut command = Command::new(&qemu);
+        command
+            .args(&args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        configure_lifetime(&mut command, self.lifetime);
+        let child = command.spawn().map_err(|e| {
+            Error::new(
+                ErrorKind::QemuStart,
+                format!("cannot start `{}` again", qemu.display()),
+            )
+            .with_source(e)
+            .with_vm(&self.config.name)
+        })?;
+        self.record.pid = child.id();
+        *self
+            .child
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(child);
+        self.record.write(&self.dir)?;
+        self.wait_for_monitor(MONITOR_TIMEOUT).await?;
+        self.wait_until_ready(BOOT_TIMEOUT).await
     }
 
     /// Kills QEMU (SIGKILL to its process group) and reaps it.
