@@ -326,3 +326,24 @@ async fn garbage_reply_magic_names_the_bytes() {
     assert_eq!(err.kind(), &ErrorKind::Protocol);
     assert!(err.to_string().contains("got 0x48545450"), "{err}");
 }
+
+#[tokio::test]
+async fn overlapping_chunks_are_refused_even_when_their_sizes_add_up() {
+    // Read buffers are reused without zeroing, so a reply that writes one
+    // half twice and never the other must not pass as complete.
+    let (nbd, mut srv) = pair(true, &[]).await;
+    let read = tokio::spawn({
+        let nbd = nbd.clone();
+        async move { nbd.read(0, 16).await }
+    });
+    let r = srv.request().await;
+    srv.data(0, r.handle, 0, &[1; 8]).await;
+    srv.data(REPLY_FLAG_DONE, r.handle, 4, &[2; 8]).await;
+    let err = read.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), &ErrorKind::Protocol);
+    assert!(
+        err.to_string()
+            .contains("chunk for bytes 4..12 overlaps an earlier chunk for 0..8"),
+        "{err}"
+    );
+}
