@@ -49,7 +49,13 @@ fn file_name(disk: &str, format: Format) -> String {
         Format::Raw => "raw",
         Format::Qcow2 => "qcow2",
     };
-    format!("{safe}.{ext}")
+    // `disk.raw` restores to `disk.raw`, not `disk.raw.raw`.
+    let stem = [".raw", ".img", ".qcow2"]
+        .iter()
+        .find_map(|suffix| safe.strip_suffix(suffix))
+        .filter(|stem| !stem.is_empty())
+        .unwrap_or(&safe);
+    format!("{stem}.{ext}")
 }
 
 pub async fn run(ctx: &Context, args: RestoreArgs) -> anyhow::Result<ExitCode> {
