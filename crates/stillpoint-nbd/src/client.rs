@@ -783,6 +783,12 @@ impl NbdClient {
     pub async fn block_status(&self, context: &str, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let context_id = self.context_id(context)?;
         self.check_range("a block status request", offset, len)?;
+        if len == 0 {
+            return Err(self.invalid(
+                "a block status request needs a non-zero length".into(),
+                offset,
+            ));
+        }
         let min = self.inner.info.block_sizes.minimum.max(1) as u64;
         // The length field is 32 bits; keep it aligned.
         let n = len.min(u32::MAX as u64 / min * min) as u32;

@@ -285,7 +285,7 @@ impl Qmp {
     /// `nbd-server-start` listening on a unix socket.
     pub async fn nbd_server_start_unix(&self, socket: &Path) -> Result<()> {
         let path = socket.to_str().ok_or_else(|| {
-            crate::Error::new(crate::ErrorKind::UnexpectedReply)
+            crate::Error::new(crate::ErrorKind::InvalidArgument)
                 .with_command("nbd-server-start")
                 .with_detail(format!("socket path {} is not UTF-8", socket.display()))
         })?;

@@ -47,6 +47,8 @@ pub enum ErrorKind {
     },
     /// The reply was valid QMP but not of the shape this typed helper expects.
     UnexpectedReply,
+    /// The caller passed an argument that cannot be sent (e.g. a non-UTF-8 path).
+    InvalidArgument,
     /// An event subscriber fell so far behind that events were dropped;
     /// the awaited event may have been among them.
     EventsLost {
@@ -178,6 +180,8 @@ impl fmt::Display for Error {
             (ErrorKind::Timeout { after }, None) => write!(f, "timed out after {after:?}")?,
             (ErrorKind::UnexpectedReply, Some(c)) => write!(f, "unexpected reply shape for '{c}'")?,
             (ErrorKind::UnexpectedReply, None) => write!(f, "unexpected QMP reply shape")?,
+            (ErrorKind::InvalidArgument, Some(c)) => write!(f, "invalid argument for '{c}'")?,
+            (ErrorKind::InvalidArgument, None) => write!(f, "invalid argument")?,
             (ErrorKind::EventsLost { count }, _) => write!(
                 f,
                 "{count} QMP events were dropped because the subscriber fell behind"
