@@ -6,6 +6,7 @@
 //! repository.
 
 pub mod consistency;
+pub mod coverage;
 pub mod error;
 pub mod freeze;
 pub mod guardian;

@@ -17,7 +17,7 @@ pub mod vm;
 
 pub use agent::GuestAgent;
 pub use error::{PlatformError, PlatformErrorKind, Result};
-pub use vm::{PlatformKind, RunState, Vm, VmRef, VmStatus};
+pub use vm::{DiskIdentity, PlatformKind, RunState, Vm, VmRef, VmStatus};
 
 use std::sync::Arc;
 

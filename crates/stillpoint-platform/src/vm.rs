@@ -92,6 +92,18 @@ pub struct VmStatus {
     pub detail: String,
 }
 
+/// How the guest can recognise one of the VM's disks in the guest agent's
+/// `guest-get-fsinfo` (which filesystems a freeze covers on which disk).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskIdentity {
+    /// The disk's stable id (the device id, e.g. `vd0`).
+    pub id: String,
+    /// The serial number the guest sees, when the disk has one.
+    pub serial: Option<String>,
+    /// The PCI address (bus, slot, function) of the disk's own device (virtio-blk).
+    pub pci: Option<(i64, i64, i64)>,
+}
+
 /// One VM on some platform.
 #[async_trait]
 pub trait Vm: Send + Sync {
@@ -99,6 +111,8 @@ pub trait Vm: Send + Sync {
     async fn status(&self) -> Result<VmStatus>;
     /// The guest agent, when the VM has an agent channel at all.
     fn agent(&self) -> Option<Arc<dyn GuestAgent>>;
+    /// How the guest sees each of the VM's disks (for matching frozen filesystems to disks).
+    async fn disk_identities(&self) -> Result<Vec<DiskIdentity>>;
 }
 
 #[cfg(test)]

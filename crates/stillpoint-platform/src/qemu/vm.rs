@@ -9,7 +9,7 @@ use stillpoint_qmp::Qmp;
 use crate::agent::{GuestAgent, SocketAgent};
 use crate::error::{PlatformError, PlatformErrorKind, Result};
 use crate::qemu::QemuVmSpec;
-use crate::vm::{RunState, Vm, VmRef, VmStatus};
+use crate::vm::{DiskIdentity, RunState, Vm, VmRef, VmStatus};
 
 /// How long to wait for the monitor's greeting: another client may hold the monitor (QEMU's
 /// chardev takes one at a time), in which case nothing answers.
@@ -134,11 +134,115 @@ impl Vm for QemuVm {
     fn agent(&self) -> Option<Arc<dyn GuestAgent>> {
         self.agent.clone().map(|agent| agent as Arc<dyn GuestAgent>)
     }
+
+    async fn disk_identities(&self) -> Result<Vec<DiskIdentity>> {
+        let qmp = self.monitor().await?;
+        let monitor_error = |what: &str, error: stillpoint_qmp::Error| {
+            PlatformError::new(
+                PlatformErrorKind::Monitor,
+                format!("VM `{}`: {what} failed", self.spec.name),
+            )
+            .with_source(error)
+        };
+        let pci = qmp
+            .execute("query-pci", None)
+            .await
+            .map_err(|e| monitor_error("query-pci", e))?;
+        let blocks = qmp
+            .query_block()
+            .await
+            .map_err(|e| monitor_error("query-block", e))?;
+        let mut identities = Vec::new();
+        for block in blocks {
+            let Some(qdev) = block.qdev.as_deref() else {
+                continue;
+            };
+            let (id, path) = device_of(qdev);
+            let serial = qmp
+                .qom_get(&path, "serial")
+                .await
+                .ok()
+                .and_then(|value| value.as_str().map(str::to_string))
+                .filter(|serial| !serial.is_empty());
+            let pci = pci_address_of(&pci, &id);
+            identities.push(DiskIdentity { id, serial, pci });
+        }
+        Ok(identities)
+    }
+}
+
+/// A block backend's device id and QOM path, from `query-block`'s `qdev`: a plain id, or a QOM
+/// path such as `/machine/peripheral/vd0/virtio-backend` (virtio) for a device with id `vd0`.
+pub fn device_of(qdev: &str) -> (String, String) {
+    match qdev.strip_prefix("/machine/peripheral/") {
+        Some(rest) => {
+            let id = rest.split('/').next().unwrap_or(rest).to_string();
+            let path = format!("/machine/peripheral/{id}");
+            (id, path)
+        }
+        None if !qdev.starts_with('/') => (qdev.to_string(), format!("/machine/peripheral/{qdev}")),
+        None => (qdev.to_string(), qdev.to_string()),
+    }
+}
+
+/// Finds a device's PCI address in a `query-pci` reply, behind bridges too.
+pub fn pci_address_of(query_pci: &serde_json::Value, qdev_id: &str) -> Option<(i64, i64, i64)> {
+    fn search(devices: &[serde_json::Value], qdev_id: &str) -> Option<(i64, i64, i64)> {
+        for device in devices {
+            if device["qdev_id"].as_str() == Some(qdev_id) {
+                return Some((
+                    device["bus"].as_i64()?,
+                    device["slot"].as_i64()?,
+                    device["function"].as_i64()?,
+                ));
+            }
+            if let Some(behind) = device["pci_bridge"]["devices"].as_array()
+                && let Some(found) = search(behind, qdev_id)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+    query_pci
+        .as_array()?
+        .iter()
+        .find_map(|bus| search(bus["devices"].as_array()?, qdev_id))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pci_addresses_are_found_on_the_root_bus_and_behind_bridges() {
+        let reply = serde_json::json!([{"bus": 0, "devices": [
+            {"bus": 0, "slot": 3, "function": 0, "qdev_id": "vd0"},
+            {"bus": 0, "slot": 5, "function": 0, "qdev_id": "bridge",
+             "pci_bridge": {"devices": [{"bus": 1, "slot": 2, "function": 0, "qdev_id": "vd1"}]}}
+        ]}]);
+        assert_eq!(pci_address_of(&reply, "vd0"), Some((0, 3, 0)));
+        assert_eq!(pci_address_of(&reply, "vd1"), Some((1, 2, 0)));
+        assert_eq!(pci_address_of(&reply, "vd9"), None);
+        assert_eq!(
+            pci_address_of(&serde_json::json!({"unexpected": 1}), "vd0"),
+            None
+        );
+    }
+
+    #[test]
+    fn device_ids_come_from_qdev_paths() {
+        assert_eq!(
+            device_of("/machine/peripheral/vd0/virtio-backend"),
+            ("vd0".into(), "/machine/peripheral/vd0".into())
+        );
+        assert_eq!(
+            device_of("vd1"),
+            ("vd1".into(), "/machine/peripheral/vd1".into())
+        );
+        let anonymous = "/machine/peripheral-anon/device[2]/virtio-backend";
+        assert_eq!(device_of(anonymous), (anonymous.into(), anonymous.into()));
+    }
 
     #[test]
     fn qemu_states_map_to_ours() {
