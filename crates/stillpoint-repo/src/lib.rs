@@ -6,6 +6,31 @@
 //! publishes a manifest; restore, verify, prune and gc work on what was published. The byte
 //! format is specified in `docs/repository-format.md`; every magic number is in [`format`].
 //!
+//! ```
+//! use stillpoint_repo::*;
+//! # fn main() -> Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! std::fs::write(dir.path().join("disk.img"), vec![7u8; 100_000]).unwrap();
+//! let options = InitOptions { passphrase: Some("secret".into()), kdf: KdfParams::for_tests(), ..Default::default() };
+//! let repo = Repository::init_local(dir.path().join("repo"), &options)?;
+//!
+//! // The engine's side: one session per VM, N disks, then publish (atomic, last).
+//! let source = FileSource::open(dir.path().join("disk.img"))?;
+//! let mut session = repo.begin_backup(BackupOptions { vm: "web".into(), ..Default::default() })?;
+//! let stats = session.write_disk(DiskInput { name: "vda".into(), source: &source, changed: None }, None)?;
+//! assert_eq!(stats.bytes_read, 100_000);
+//! let snapshot = session.publish(SnapshotInfo { achieved: Some("crash".into()), ..Default::default() })?;
+//!
+//! // Read side: find, restore, verify.
+//! let latest = repo.find_snapshot("web:latest")?;
+//! assert_eq!(latest.id, snapshot.id);
+//! let out = dir.path().join("vda.raw");
+//! repo.restore_disk(&latest, "vda", &out, ImageFormat::Raw, RestoreOptions::default(), None)?;
+//! assert_eq!(std::fs::read(&out).unwrap(), vec![7u8; 100_000]);
+//! assert!(repo.verify(false, None)?.is_ok());
+//! # Ok(()) }
+//! ```
+//!
 //! # Design
 //! - **Fixed-size chunks aligned to disk offsets** (default 4 MiB, chosen at init): a dirty
 //!   bitmap maps straight onto chunks, so an incremental reads only changed chunks and the rest
