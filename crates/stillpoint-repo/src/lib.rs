@@ -111,6 +111,6 @@ pub use crate::manifest::{DiskEntry, DiskStats, MANIFEST_VERSION, Manifest, Snap
 pub use crate::repository::{DEFAULT_LOCK_WAIT, InitOptions, Repository};
 pub use crate::restore::{ImageFormat, RestoreOptions, RestoreStats};
 pub use crate::retention::{Decision, KeepRules, RetentionPlan, SnapshotSummary, plan_retention};
-pub use crate::source::{DiskSource, Extent, FileSource};
+pub use crate::source::{AsyncDiskSource, BlockingBridge, DiskSource, Extent, FileSource};
 pub use crate::verify::{Problem, VerifyReport};
 pub use crate::writer::{BackupOptions, BackupSession, DiskInput, Progress};

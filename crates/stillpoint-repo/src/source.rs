@@ -5,10 +5,11 @@
 //! several threads. The writer's worker threads each issue their own reads, so a source backed
 //! by an NBD export has as many requests in flight as there are workers.
 //!
-//! Async sources (an NBD client on tokio) bridge by implementing `read_at` as
-//! `handle.block_on(client.read(offset, len))` with a `tokio::runtime::Handle` captured at
-//! construction: the writer's workers are plain threads, never tokio workers, so blocking
-//! there is allowed and nothing is buffered beyond the chunk being read.
+//! Async sources (an NBD client on tokio) implement [`AsyncDiskSource`] and are wrapped in
+//! [`BlockingBridge`], which runs each read with `Handle::block_on` on the calling worker
+//! thread: the writer's workers are plain threads, never tokio workers, so blocking there is
+//! allowed, each worker keeps one request in flight, and nothing is buffered beyond the chunk
+//! being read. Call `write_disk` from `tokio::task::spawn_blocking`.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -46,6 +47,53 @@ pub trait DiskSource: Send + Sync {
     }
     /// Fills `buf` with the bytes at `offset` (always within `size()`).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// An async disk source, such as an NBD client reading a capture export.
+pub trait AsyncDiskSource: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Sorted ranges that may contain data (NBD block status); the rest reads as zeros.
+    fn data_extents(&self) -> impl std::future::Future<Output = Result<Vec<Extent>>> + Send;
+    /// Fills `buf` with the bytes at `offset`.
+    fn read_at(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> impl std::future::Future<Output = Result<()>> + Send;
+}
+
+/// Presents an [`AsyncDiskSource`] as a [`DiskSource`] to the writer's worker threads.
+#[derive(Debug)]
+pub struct BlockingBridge<S> {
+    inner: S,
+    handle: tokio::runtime::Handle,
+}
+
+impl<S: AsyncDiskSource> BlockingBridge<S> {
+    /// Wraps `inner`; its futures run on the runtime of `handle`.
+    pub fn new(inner: S, handle: tokio::runtime::Handle) -> Self {
+        Self { inner, handle }
+    }
+
+    /// The wrapped source.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncDiskSource> DiskSource for BlockingBridge<S> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn data_extents(&self) -> Result<Vec<Extent>> {
+        self.handle.block_on(self.inner.data_extents())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.handle.block_on(self.inner.read_at(offset, buf))
+    }
 }
 
 /// A plain (possibly sparse) file: holes found with `SEEK_DATA`/`SEEK_HOLE` are not read.

@@ -606,3 +606,138 @@ fn disk_full_is_a_clear_error_and_leaves_no_snapshot() {
         0
     );
 }
+
+/// An async source (stand-in for the NBD client: tokio file reads with a yield in between,
+/// so that requests overlap) runs through the bridge with several reads in flight at once.
+struct AsyncFileSource {
+    path: PathBuf,
+    size: u64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+impl stillpoint_repo::AsyncDiskSource for AsyncFileSource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn data_extents(&self) -> stillpoint_repo::Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            offset: 0,
+            len: self.size,
+        }])
+    }
+
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> stillpoint_repo::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let mut file = tokio::fs::File::open(&self.path).await.unwrap();
+        file.seek(std::io::SeekFrom::Start(offset)).await.unwrap();
+        file.read_exact(buf).await.unwrap();
+        // Let the other workers' requests start before this one completes.
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+            if self.max_in_flight.load(Ordering::SeqCst) > 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[test]
+fn async_source_through_the_blocking_bridge() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), true, Duration::from_secs(3600));
+    let image = dir.path().join("image");
+    make_image(&image, 2 << 20, Content::Random, 21);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let bridge = stillpoint_repo::BlockingBridge::new(
+        AsyncFileSource {
+            path: image.clone(),
+            size: 2 << 20,
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
+        },
+        runtime.handle().clone(),
+    );
+    let repo2 = repo.clone();
+    let (manifest, max_in_flight) = runtime.block_on(async move {
+        tokio::task::spawn_blocking(move || {
+            let mut session = repo2
+                .begin_backup(BackupOptions {
+                    vm: "vm".into(),
+                    workers: Some(4),
+                    ..Default::default()
+                })
+                .unwrap();
+            session
+                .write_disk(
+                    DiskInput {
+                        name: "disk0".into(),
+                        source: &bridge,
+                        changed: None,
+                    },
+                    None,
+                )
+                .unwrap();
+            (
+                session.publish(SnapshotInfo::default()).unwrap(),
+                bridge.inner().max_in_flight.load(Ordering::SeqCst),
+            )
+        })
+        .await
+        .unwrap()
+    });
+    assert!(
+        max_in_flight >= 2,
+        "reads were serialized (max in flight {max_in_flight})"
+    );
+    let out = dir.path().join("restored");
+    restore(&repo, &manifest, &out);
+    assert_same(&image, &out);
+}
+
+/// prune keeps a snapshot that a running backup names as its parent.
+#[test]
+fn prune_keeps_the_parent_of_a_running_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), false, Duration::ZERO);
+    let image = dir.path().join("image");
+    make_image(&image, 1 << 20, Content::Random, 31);
+    let old = backup(&repo, "vm", &image);
+    std::thread::sleep(Duration::from_millis(10));
+    backup(&repo, "vm", &image);
+    let session = repo
+        .begin_backup(BackupOptions {
+            vm: "vm".into(),
+            parent: Some(old.id.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    let report = repo
+        .prune(
+            &KeepRules {
+                last: 1,
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(report.kept_in_use, vec![old.id.clone()]);
+    assert!(report.deleted.is_empty());
+    drop(session);
+    let report = repo
+        .prune(
+            &KeepRules {
+                last: 1,
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(report.deleted, vec![old.id]);
+}
