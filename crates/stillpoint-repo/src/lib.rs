@@ -42,8 +42,9 @@
 //!   data. The master key is random and wrapped by an Argon2id key from a passphrase, or the
 //!   repository is explicitly unencrypted (a BLAKE3 checksum still guards every blob).
 //! - **Pipeline**: per disk, `workers` threads each take the next chunk to read and carry it
-//!   through read → zero check → hash → dedup → compress → encrypt → put. Memory is
-//!   `O(workers × chunk size)` (≈ 50 MiB at 4 workers and 4 MiB chunks) at any disk size.
+//!   through read → zero check → hash → dedup → compress → encrypt → put. Buffers take
+//!   `workers × 3 × chunk size` (≈ 50 MiB at 4 workers and 4 MiB chunks) at any disk size;
+//!   the index in memory adds 36 bytes per chunk (36 MiB for 4 TiB).
 //! - **Backends** implement the object-store-shaped [`Backend`] trait; [`LocalBackend`] writes
 //!   temp file + fsync + rename + directory fsync.
 //!
@@ -80,7 +81,8 @@
 //!   after writing its lock, closing the race with a prune that listed locks just before).
 //! - Remaining race: gc listed an old chunk before another writer rewrote it. So after each
 //!   disk a backup waits for running gc/prune to finish and, if a gc record newer than `S`
-//!   exists, checks every chunk it reused and rewrites missing ones from the source.
+//!   exists, checks every chunk it stored or reused and writes missing ones again from the
+//!   source.
 //!   All times compared are backend times.
 
 pub mod backend;

@@ -5,14 +5,15 @@
 //! source's data extents is zero. The remaining chunks go through a pool of worker threads,
 //! each running read → zero check → keyed BLAKE3 → dedup lookup → zstd → AES-GCM → put for one
 //! chunk at a time. Memory is bounded by `workers × 3 × chunk size` whatever the disk size;
-//! there is no reordering buffer because index entries are written by position.
+//! there is no reordering buffer because index entries are written by position. What grows
+//! with the disk is the index itself (32 bytes per chunk) and a list of chunk numbers (4 bytes
+//! per chunk): 36 MiB for a 4 TiB disk at 4 MiB chunks.
 //!
 //! Reuse and gc (see the crate doc for the proof sketch): an existing chunk is reused only if
 //! its backend time is at least `session start − grace/2`; an older one is written again
-//! (refreshing its time). After each disk, if a gc ran during the session, every chunk reused
-//! that way is checked again and rewritten from the source if gc took it.
+//! (refreshing its time). After each disk, if a gc ran during the session, every chunk the disk
+//! stored or reused is checked again and written again from the source if gc took it.
 
-use std::collections::HashSet;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -24,7 +25,7 @@ use crate::blob::BlobEncoder;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::CHUNK_BLOB_MAGIC;
 use crate::format::keys::GC;
-use crate::index::{Digest, DiskIndex, chunk_count};
+use crate::index::{DiskIndex, chunk_count};
 use crate::lock::{LockGuard, LockKind, live_locks};
 use crate::manifest::{
     DiskEntry, DiskStats, MANIFEST_VERSION, Manifest, SnapshotInfo, new_snapshot_id,
@@ -68,8 +69,6 @@ pub struct BackupSession {
     parent: Option<Manifest>,
     disks: Vec<DiskEntry>,
     workers: usize,
-    /// Chunks written or confirmed by this session.
-    known: Mutex<HashSet<Digest>>,
 }
 
 impl std::fmt::Debug for BackupSession {
@@ -121,17 +120,8 @@ impl Repository {
             parent,
             disks: Vec::new(),
             workers,
-            known: Mutex::new(HashSet::new()),
         })
     }
-}
-
-/// What a chunk needs.
-#[derive(Clone, Copy)]
-enum Plan {
-    Carry(Digest),
-    Zero,
-    Read,
 }
 
 struct Shared<'a> {
@@ -142,12 +132,13 @@ struct Shared<'a> {
     chunk_size: u32,
     disk_size: u64,
     extents: &'a [Extent],
-    work: &'a [usize],
+    work: &'a [u32],
     next: AtomicUsize,
     abort: AtomicBool,
     error: Mutex<Option<Error>>,
-    results: Mutex<Vec<(usize, Digest)>>,
-    touched: Mutex<Vec<(Digest, usize)>>,
+    index: Mutex<DiskIndex>,
+    /// Chunks this disk stored or reused from the store (for the check after a gc).
+    touched: Mutex<Vec<u32>>,
     bytes_read: AtomicU64,
     new: AtomicU64,
     reused: AtomicU64,
@@ -207,6 +198,7 @@ impl Shared<'_> {
             let Some(&i) = self.work.get(w) else {
                 return Ok(());
             };
+            let i = i as usize;
             self.read_chunk(i, &mut buf)?;
             let (off, len) = self.chunk_range(i);
             let digest = if is_all_zero(&buf) {
@@ -214,45 +206,34 @@ impl Shared<'_> {
                 crate::format::ZERO_CHUNK_DIGEST
             } else {
                 let digest = repo.keys.chunk_id(&buf);
-                let seen = self
-                    .session
-                    .known
-                    .lock()
-                    .expect("poisoned")
-                    .contains(&digest);
-                if seen {
-                    self.reused.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    let key = chunk_key(&digest);
-                    let existing = repo.backend.stat(&key)?;
-                    match existing {
-                        Some(meta) if meta.modified >= self.reuse_after => {
-                            self.reused.fetch_add(1, Ordering::Relaxed);
-                        }
-                        _ => {
-                            encoder.encode(
-                                &repo.keys,
-                                CHUNK_BLOB_MAGIC,
-                                &digest,
-                                &buf,
-                                true,
-                                &mut blob,
-                            )?;
-                            repo.backend.put(&key, &blob).map_err(|e| {
-                                e.with_disk(self.disk)
-                                    .with_offset(off)
-                                    .with_vm(&self.session.vm)
-                            })?;
-                            self.new.fetch_add(1, Ordering::Relaxed);
-                            self.stored.fetch_add(blob.len() as u64, Ordering::Relaxed);
-                        }
+                let key = chunk_key(&digest);
+                match repo.backend.stat(&key)? {
+                    // Present and young enough that no gc can take it (see the crate doc).
+                    Some(meta) if meta.modified >= self.reuse_after => {
+                        self.reused.fetch_add(1, Ordering::Relaxed);
                     }
-                    self.session.known.lock().expect("poisoned").insert(digest);
-                    self.touched.lock().expect("poisoned").push((digest, i));
+                    _ => {
+                        encoder.encode(
+                            &repo.keys,
+                            CHUNK_BLOB_MAGIC,
+                            &digest,
+                            &buf,
+                            true,
+                            &mut blob,
+                        )?;
+                        repo.backend.put(&key, &blob).map_err(|e| {
+                            e.with_disk(self.disk)
+                                .with_offset(off)
+                                .with_vm(&self.session.vm)
+                        })?;
+                        self.new.fetch_add(1, Ordering::Relaxed);
+                        self.stored.fetch_add(blob.len() as u64, Ordering::Relaxed);
+                    }
                 }
+                self.touched.lock().expect("poisoned").push(i as u32);
                 digest
             };
-            self.results.lock().expect("poisoned").push((i, digest));
+            self.index.lock().expect("poisoned").set(i, digest);
             if let Some(progress) = self.progress {
                 progress(len as u64);
             }
@@ -325,10 +306,12 @@ impl BackupSession {
             .changed
             .map(|c| normalize(c, disk_size))
             .unwrap_or_default();
-        let mut plan = vec![Plan::Zero; n];
+        // Carried-over and zero chunks go straight into the index; the rest is work.
         let mut stats = DiskStats::default();
+        let mut work: Vec<u32> = Vec::new();
+        let mut skipped_bytes = 0u64;
         let (mut ci, mut ei) = (0usize, 0usize);
-        for (i, slot) in plan.iter_mut().enumerate() {
+        for i in 0..n {
             let off = i as u64 * u64::from(chunk_size);
             let end = (off + u64::from(chunk_size)).min(disk_size);
             while ci < changed.len() && changed[ci].end() <= off {
@@ -339,40 +322,28 @@ impl BackupSession {
             }
             let touched = ci < changed.len() && changed[ci].offset < end;
             let has_data = ei < extents.len() && extents[ei].offset < end;
-            *slot = match &parent_index {
-                Some(p)
-                    if !touched
-                        && i < p.entries().len()
-                        && p.chunk_range(i).1 as u64 == end - off =>
-                {
-                    Plan::Carry(p.entries()[i])
-                }
-                _ if !has_data => Plan::Zero,
-                _ => Plan::Read,
-            };
-        }
-        let work: Vec<usize> = (0..n).filter(|&i| matches!(plan[i], Plan::Read)).collect();
-        let mut skipped_bytes = 0u64;
-        for (i, p) in plan.iter().enumerate() {
-            let len = index.chunk_range(i).1 as u64;
-            match p {
-                Plan::Carry(d) => {
-                    index.set(i, *d);
-                    stats.chunks_unchanged += 1;
-                    if *d == crate::format::ZERO_CHUNK_DIGEST {
-                        stats.chunks_zero += 1;
-                    } else {
-                        stats.chunks_reused += 1;
-                    }
-                    skipped_bytes += len;
-                }
-                Plan::Zero => {
+            let carried = parent_index.as_ref().and_then(|p| {
+                // Only a parent chunk of the same length can stand for this one.
+                (!touched && i < p.entries().len() && p.chunk_range(i).1 as u64 == end - off)
+                    .then(|| p.entries()[i])
+            });
+            if let Some(digest) = carried {
+                index.set(i, digest);
+                stats.chunks_unchanged += 1;
+                if digest == crate::format::ZERO_CHUNK_DIGEST {
                     stats.chunks_zero += 1;
-                    skipped_bytes += len;
+                } else {
+                    stats.chunks_reused += 1;
                 }
-                Plan::Read => {}
+                skipped_bytes += end - off;
+            } else if !has_data {
+                stats.chunks_zero += 1;
+                skipped_bytes += end - off;
+            } else {
+                work.push(i as u32);
             }
         }
+        drop(parent_index);
         if let Some(progress) = progress {
             progress(skipped_bytes);
         }
@@ -396,7 +367,7 @@ impl BackupSession {
             next: AtomicUsize::new(0),
             abort: AtomicBool::new(false),
             error: Mutex::new(None),
-            results: Mutex::new(Vec::with_capacity(work.len())),
+            index: Mutex::new(index),
             touched: Mutex::new(Vec::new()),
             bytes_read: AtomicU64::new(0),
             new: AtomicU64::new(0),
@@ -421,9 +392,6 @@ impl BackupSession {
             return Err(e);
         }
         debug_assert_eq!(shared.index_len, n as u64);
-        for (i, digest) in shared.results.lock().expect("poisoned").drain(..) {
-            index.set(i, digest);
-        }
         stats.bytes_read = shared.bytes_read.load(Ordering::Relaxed);
         stats.chunks_new = shared.new.load(Ordering::Relaxed);
         stats.chunks_reused += shared.reused.load(Ordering::Relaxed);
@@ -433,7 +401,7 @@ impl BackupSession {
         let rewritten = self.recheck_after_gc(&shared, &touched)?;
         stats.chunks_new += rewritten.0;
         stats.bytes_stored += rewritten.1;
-        drop(shared);
+        let index = shared.index.into_inner().expect("poisoned");
 
         let key = index_key(&self.id, self.disks.len());
         self.repo
@@ -453,11 +421,7 @@ impl BackupSession {
     /// If a gc ran during this session, makes sure every chunk this disk stored or reused is
     /// still there (gc may have listed an old copy of a key before we wrote it again), and
     /// writes again from the source those it deleted. Returns (chunks, bytes) rewritten.
-    fn recheck_after_gc(
-        &self,
-        shared: &Shared<'_>,
-        touched: &[(Digest, usize)],
-    ) -> Result<(u64, u64)> {
+    fn recheck_after_gc(&self, shared: &Shared<'_>, touched: &[u32]) -> Result<(u64, u64)> {
         if touched.is_empty() {
             return Ok((0, 0));
         }
@@ -488,7 +452,10 @@ impl BackupSession {
         let mut encoder = BlobEncoder::new(self.repo.config.zstd_level)?;
         let (mut buf, mut blob) = (Vec::new(), Vec::new());
         let (mut chunks, mut bytes) = (0, 0);
-        for (digest, i) in touched {
+        let index = shared.index.lock().expect("poisoned").clone();
+        for &i in touched {
+            let i = i as usize;
+            let digest = &index.entries()[i];
             let key = chunk_key(digest);
             if backend.stat(&key)?.is_some() {
                 continue;
@@ -497,14 +464,14 @@ impl BackupSession {
                 chunk = key,
                 "a concurrent gc removed a reused chunk: writing it again"
             );
-            shared.read_chunk(*i, &mut buf)?;
+            shared.read_chunk(i, &mut buf)?;
             if self.repo.keys.chunk_id(&buf) != *digest {
                 return Err(Error::new(
                     ErrorKind::Source,
                     "the source changed while it was being backed up",
                 )
                 .with_disk(shared.disk)
-                .with_offset(shared.chunk_range(*i).0));
+                .with_offset(shared.chunk_range(i).0));
             }
             encoder.encode(
                 &self.repo.keys,
