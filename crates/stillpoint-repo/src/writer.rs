@@ -428,19 +428,20 @@ impl BackupSession {
         let backend = self.repo.backend.as_ref();
         // Wait for the deleters running now to finish, so that all their deletions are visible.
         // A gc that starts later sees our lock and spares everything we wrote or reused.
-        let running: Vec<String> = live_locks(backend, SystemTime::now())?
-            .into_iter()
-            .filter(|l| l.record.kind == LockKind::Exclusive)
-            .map(|l| l.meta.key)
-            .collect();
-        for key in running {
-            while backend.stat(&key)?.is_some() {
-                debug!(
-                    lock = key,
-                    "waiting for a running gc/prune before checking chunks"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        // (A deleter that dies turns stale and stops being waited for.)
+        let running_deleters = || -> Result<Vec<String>> {
+            Ok(live_locks(backend, SystemTime::now())?
+                .into_iter()
+                .filter(|l| l.record.kind == LockKind::Exclusive)
+                .map(|l| l.meta.key)
+                .collect())
+        };
+        let mut waiting_for = running_deleters()?;
+        while !waiting_for.is_empty() {
+            debug!(locks = ?waiting_for, "waiting for a running gc/prune before checking chunks");
+            std::thread::sleep(Duration::from_millis(100));
+            let still = running_deleters()?;
+            waiting_for.retain(|key| still.contains(key));
         }
         let gc_ran = backend
             .list(GC)?
