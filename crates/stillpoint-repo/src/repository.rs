@@ -298,8 +298,9 @@ impl Repository {
         Ok(ids)
     }
 
-    /// All snapshots (of `vm` if given), oldest first by capture time. Fails on the first
-    /// manifest that cannot be read; `verify` reports them all instead.
+    /// All snapshots (of `vm` if given), oldest first by capture time. A manifest that cannot
+    /// be read is skipped with a warning naming it (so one damaged snapshot does not hide the
+    /// others); `verify` reports it, gc refuses to run past it, prune keeps it.
     pub fn snapshots(&self, vm: Option<&str>) -> Result<Vec<Manifest>> {
         let mut out = Vec::new();
         for id in self.snapshot_ids()? {
@@ -307,6 +308,12 @@ impl Repository {
                 Ok(m) => m,
                 // Pruned between list and read.
                 Err(e) if e.kind() == ErrorKind::SnapshotNotFound => continue,
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::UnsupportedVersion) =>
+                {
+                    tracing::warn!(snapshot = id, error = %e, "skipping a snapshot whose manifest cannot be read (run `repo verify`)");
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             if vm.is_none_or(|vm| manifest.vm == vm) {
