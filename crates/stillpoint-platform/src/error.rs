@@ -28,6 +28,14 @@ pub enum PlatformErrorKind {
     VmState,
     /// Local I/O failed.
     Io,
+    /// A step of a point-in-time capture failed (setting it up, starting it, exporting it,
+    /// releasing it). The guest's own disk I/O is not affected; the message names the VM, the
+    /// disk and the QEMU node or export involved.
+    Capture,
+    /// The point-in-time view broke while it was being read: copy-before-write could not save
+    /// the guest's old data to the scratch area (full, or failing). The guest kept running and
+    /// writing; only this backup is lost. The message names the scratch file and the offset.
+    CaptureBroken,
 }
 
 #[derive(Debug, thiserror::Error)]

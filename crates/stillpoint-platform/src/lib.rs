@@ -10,12 +10,17 @@
 //! VM references are `NAME` (the default platform, `qemu`) or `PLATFORM:NAME`.
 
 pub mod agent;
+pub mod capture;
 pub mod error;
 pub mod qemu;
 pub mod runtime;
 pub mod vm;
 
 pub use agent::GuestAgent;
+pub use capture::{
+    Capture, CaptureMode, CaptureRequest, CapturedDisk, FinishReport, PreparedCapture,
+    StartedCapture,
+};
 pub use error::{PlatformError, PlatformErrorKind, Result};
 pub use vm::{DiskIdentity, PlatformKind, RunState, Vm, VmRef, VmStatus};
 

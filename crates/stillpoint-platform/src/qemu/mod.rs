@@ -1,5 +1,6 @@
 //! The plain-QEMU driver: VMs reached through their QMP and guest agent unix sockets.
 
+pub mod capture;
 pub mod inventory;
 pub mod vm;
 

@@ -1,0 +1,587 @@
+//! The capture capability: an atomic point-in-time view of all of a VM's disks, taken in one
+//! step while the VM keeps running, read afterwards, released at the end.
+//!
+//! # Lifecycle
+//! ```text
+//! Capture::inspect()             disks, their stillpoint bitmaps and health, leftovers
+//! Capture::prepare(request)      recovers leftovers of an interrupted capture, decides per disk
+//!    │                            full or incremental, sets up everything the guest cannot see
+//!    ▼                            (scratch targets, filter nodes) — before any freeze
+//! PreparedCapture::start()       THE point in time, for all disks at once; the only step that
+//!    │                            runs while the guest is frozen; a few ms, flat in disk size
+//!    ▼                            and count
+//! StartedCapture::export()       after the thaw: per disk a readable view (size, allocation,
+//!    │                            changes since the parent bitmap, positioned reads)
+//!    ▼
+//! StartedCapture::finish(ok)     releases everything and settles the dirty bitmaps
+//! ```
+//! The states are separate types and `start`/`finish` consume them, so steps cannot run out of
+//! order. Dropping a prepared or started capture without `abort`/`finish` releases it as a
+//! failure in the background (best effort, needs a tokio runtime); whatever that misses, the
+//! next `prepare` recovers.
+//!
+//! # Dirty bitmaps: no change is ever lost
+//! Each capture creates a new persistent bitmap named [`BITMAP_PREFIX`]`<capture id>` at its
+//! point in time; an incremental capture also stops its parent bitmap at that same instant
+//! and offers the parent's content as the disk's changes. At the end:
+//! - success: the parent is removed; the new bitmap (returned by `finish`, recorded in the
+//!   snapshot's manifest) holds every change since this capture's instant;
+//! - failure: the new bitmap is merged into the parent, the parent records again, the new
+//!   bitmap is removed — all in one atomic step. The parent then holds every change since the
+//!   *parent's* instant, so the name the last published manifest recorded stays valid and the
+//!   next incremental covers both periods. (Merging in this direction rather than "old into
+//!   new" is equivalent for the changes kept, and keeps the name the manifest knows.)
+//!
+//! A parent bitmap is used only if it exists, is consistent (QEMU did not exit uncleanly since
+//! it was saved), is persistent, records, is not busy and the disk kept its size; otherwise the
+//! disk is captured in full and the reason ([`FullReason`]) goes into the report.
+//!
+//! # Reading
+//! [`CapturedDisk`] is shared (`Arc`) and its reads may run from many tasks or threads at once;
+//! each read is one or more requests pipelined on the platform's transport.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// Every dirty bitmap stillpoint creates is named with this prefix; bitmaps without it are
+/// never touched.
+pub const BITMAP_PREFIX: &str = "stillpoint-";
+
+/// How long copy-before-write may take to save old data before it gives up on the capture
+/// (never on the guest's write): the value verified in the reference runs.
+pub const DEFAULT_CBW_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A dirty bitmap on a disk, as the platform reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BitmapHealth {
+    pub name: String,
+    /// Writes are being recorded.
+    pub recording: bool,
+    /// Left "in use" by an unclean exit of the hypervisor: it may miss writes and cannot be
+    /// used, only removed.
+    pub inconsistent: bool,
+    /// Survives a clean restart of the hypervisor.
+    pub persistent: bool,
+    /// In use by an operation (an export, a job).
+    pub busy: bool,
+    /// Dirty bytes.
+    pub count: u64,
+    /// Bytes per bit.
+    pub granularity: u32,
+}
+
+/// One disk of a VM, as capture sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// The disk's stable name: the device id (`vd0`), or the node name for anonymous devices.
+    /// Requests and reports use it.
+    pub id: String,
+    /// The block node that holds the data and the bitmaps (`disk0`).
+    pub node: String,
+    /// The device the guest sees the disk through (a QOM path on QEMU).
+    pub device: String,
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// The image file.
+    pub image: String,
+    /// The image format (`qcow2`; only qcow2 keeps bitmaps across restarts).
+    pub format: String,
+    /// Bitmaps named with [`BITMAP_PREFIX`]; other bitmaps are not listed.
+    pub bitmaps: Vec<BitmapHealth>,
+}
+
+impl DiskInfo {
+    /// The stillpoint bitmap `name`, if the disk has it.
+    pub fn bitmap(&self, name: &str) -> Option<&BitmapHealth> {
+        self.bitmaps.iter().find(|b| b.name == name)
+    }
+}
+
+/// What [`Capture::inspect`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CaptureInventory {
+    pub vm: String,
+    pub disks: Vec<DiskInfo>,
+    /// Leftovers of an interrupted capture, one sentence each (empty when clean). The next
+    /// `prepare` cleans them up.
+    pub leftovers: Vec<String>,
+}
+
+/// The bitmap a disk's parent snapshot recorded, and the disk's size then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentBitmap {
+    pub bitmap: String,
+    pub disk_size: u64,
+}
+
+/// What to capture and where the scratch data goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureRequest {
+    /// Per disk id: the bitmap of the parent snapshot. A disk without an entry is captured in
+    /// full.
+    pub parents: BTreeMap<String, ParentBitmap>,
+    /// Where copy-before-write keeps the old data the guest overwrites during the capture (one
+    /// sparse file per disk), and where the export's socket lives. Its free space bounds how
+    /// much the guest may overwrite before the capture (never the guest) fails.
+    pub scratch_dir: PathBuf,
+    /// Capture only these disk ids; `None` captures every writable disk.
+    pub disks: Option<Vec<String>>,
+    /// How long saving old data may take before the capture is given up.
+    pub cbw_timeout: Duration,
+}
+
+impl CaptureRequest {
+    /// A full capture of every disk, scratch data in `scratch_dir`.
+    pub fn new(scratch_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            parents: BTreeMap::new(),
+            scratch_dir: scratch_dir.into(),
+            disks: None,
+            cbw_timeout: DEFAULT_CBW_TIMEOUT,
+        }
+    }
+
+    /// Asks for an incremental capture of `disk` against `bitmap` (recorded with its parent
+    /// snapshot, when the disk was `disk_size` bytes).
+    pub fn with_parent(
+        mut self,
+        disk: impl Into<String>,
+        bitmap: impl Into<String>,
+        disk_size: u64,
+    ) -> Self {
+        self.parents.insert(
+            disk.into(),
+            ParentBitmap {
+                bitmap: bitmap.into(),
+                disk_size,
+            },
+        );
+        self
+    }
+
+    /// Captures only these disks.
+    pub fn only(mut self, disks: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.disks = Some(disks.into_iter().map(Into::into).collect());
+        self
+    }
+}
+
+/// Why a disk is captured in full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "reason")]
+pub enum FullReason {
+    /// No parent snapshot was named for the disk.
+    NoParent,
+    /// The parent's bitmap does not exist (created after the hypervisor's last start and lost
+    /// in an unclean exit, removed, or never created on this VM).
+    BitmapMissing { bitmap: String },
+    /// The parent's bitmap was left inconsistent by an unclean exit; it is removed.
+    BitmapInconsistent { bitmap: String },
+    /// The parent's bitmap would not survive a restart (the image is not qcow2).
+    BitmapNotPersistent { bitmap: String },
+    /// The parent's bitmap does not record writes, so it misses changes.
+    BitmapNotRecording { bitmap: String },
+    /// The parent's bitmap is in use by another operation.
+    BitmapBusy { bitmap: String },
+    /// The disk's size changed since the parent snapshot.
+    DiskResized { bitmap: String, was: u64, now: u64 },
+}
+
+impl fmt::Display for FullReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FullReason::NoParent => write!(f, "no parent snapshot"),
+            FullReason::BitmapMissing { bitmap } => write!(
+                f,
+                "the parent's dirty bitmap `{bitmap}` is missing (lost in an unclean QEMU exit, or removed)"
+            ),
+            FullReason::BitmapInconsistent { bitmap } => write!(
+                f,
+                "the parent's dirty bitmap `{bitmap}` is inconsistent after an unclean QEMU exit"
+            ),
+            FullReason::BitmapNotPersistent { bitmap } => write!(
+                f,
+                "the parent's dirty bitmap `{bitmap}` is not persistent (image not qcow2)"
+            ),
+            FullReason::BitmapNotRecording { bitmap } => write!(
+                f,
+                "the parent's dirty bitmap `{bitmap}` does not record writes"
+            ),
+            FullReason::BitmapBusy { bitmap } => write!(
+                f,
+                "the parent's dirty bitmap `{bitmap}` is in use by another operation"
+            ),
+            FullReason::DiskResized { was, now, .. } => {
+                write!(f, "the disk was resized from {was} to {now} bytes")
+            }
+        }
+    }
+}
+
+/// Full or incremental, decided per disk at `prepare`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "mode")]
+pub enum CaptureMode {
+    Full {
+        reason: FullReason,
+    },
+    /// The changes since `parent_bitmap`'s instant are offered by [`CapturedDisk::changes`].
+    Incremental {
+        parent_bitmap: String,
+    },
+}
+
+impl CaptureMode {
+    pub fn is_incremental(&self) -> bool {
+        matches!(self, CaptureMode::Incremental { .. })
+    }
+}
+
+/// One disk of a prepared capture.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedDisk {
+    pub disk: DiskInfo,
+    pub mode: CaptureMode,
+    /// The bitmap this capture creates at its instant; the manifest records it on success.
+    pub new_bitmap: String,
+    /// Unusable (inconsistent) stillpoint bitmaps that `prepare` removed from this disk.
+    pub removed_bitmaps: Vec<String>,
+    /// The scratch file copy-before-write saves old data to.
+    pub scratch: PathBuf,
+}
+
+/// What `prepare` decided and did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CapturePlan {
+    pub vm: String,
+    /// Unique per capture; the new bitmaps are named after it.
+    pub capture_id: String,
+    pub disks: Vec<PlannedDisk>,
+    /// What was cleaned up from an interrupted earlier capture, one sentence each.
+    pub recovered: Vec<String>,
+}
+
+impl CapturePlan {
+    pub fn disk(&self, id: &str) -> Option<&PlannedDisk> {
+        self.disks.iter().find(|d| d.disk.id == id)
+    }
+}
+
+/// What `start` did, for the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StartReport {
+    /// The VM ran before the capture (so it was paused and resumed around it); a VM that was
+    /// not running is left as it was.
+    pub was_running: bool,
+    /// The hypervisor's run state before the capture (`running`, `paused`, …).
+    pub run_state: String,
+    /// How long the vCPUs were paused (zero when the VM was not running).
+    pub paused: Duration,
+    /// The whole `start` call: what a frozen guest waits for.
+    pub total: Duration,
+}
+
+/// What `finish` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FinishReport {
+    /// Whether the bitmaps were settled as a success.
+    pub success: bool,
+    /// Per disk id: the bitmap that now records every change since the instant of the last
+    /// *successful* capture of that disk — on success the new one (record it in the
+    /// manifest); on failure the parent of an incremental; `None` after a failed full capture.
+    pub bitmaps: BTreeMap<String, Option<String>>,
+    /// Clean-up steps that failed without harm (a scratch file that could not be deleted, …);
+    /// the next `prepare` retries them.
+    pub warnings: Vec<String>,
+}
+
+/// A byte range of a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl ByteRange {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// The capture capability of one VM.
+#[async_trait]
+pub trait Capture: Send + Sync {
+    /// The VM's disks with their stillpoint bitmaps, and leftovers of an interrupted capture.
+    async fn inspect(&self) -> Result<CaptureInventory>;
+    /// Recovers leftovers, decides full or incremental per disk and sets up everything that
+    /// can be set up before the freeze. Nothing changes for the guest.
+    async fn prepare(&self, request: CaptureRequest) -> Result<Box<dyn PreparedCapture>>;
+}
+
+/// A capture set up and ready to start.
+#[async_trait]
+pub trait PreparedCapture: Send {
+    fn plan(&self) -> &CapturePlan;
+    /// Takes the point in time of every disk at once. Runs while the guest is frozen: it is
+    /// fast and does not grow with disk size. A VM that was not running stays as it was; a
+    /// running VM is running again when this returns, on every path. On error everything set
+    /// up is released and no bitmap is changed for good.
+    async fn start(self: Box<Self>) -> Result<Box<dyn StartedCapture>>;
+    /// Releases what `prepare` set up, without capturing.
+    async fn abort(self: Box<Self>) -> Result<()>;
+}
+
+/// A capture whose point in time is taken.
+#[async_trait]
+pub trait StartedCapture: Send {
+    fn plan(&self) -> &CapturePlan;
+    fn start_report(&self) -> &StartReport;
+    /// Makes every disk readable (call after the thaw; calling again returns the same views).
+    /// After an error, call `finish(false)`.
+    async fn export(&mut self) -> Result<Vec<Arc<dyn CapturedDisk>>>;
+    /// Releases everything and settles the bitmaps (see the module doc). Views handed out by
+    /// `export` stop working.
+    async fn finish(self: Box<Self>, success: bool) -> Result<FinishReport>;
+}
+
+/// A readable point-in-time view of one disk.
+#[async_trait]
+pub trait CapturedDisk: Send + Sync {
+    /// The disk id ([`DiskInfo::id`]).
+    fn id(&self) -> &str;
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    fn mode(&self) -> &CaptureMode;
+    /// Sorted ranges that may hold data; everything else reads as zeros.
+    async fn allocation(&self) -> Result<Vec<ByteRange>>;
+    /// For an incremental: the sorted ranges changed since the parent's instant (at the
+    /// bitmap's granularity). `None` for a full capture.
+    async fn changes(&self) -> Result<Option<Vec<ByteRange>>>;
+    /// Fills `buf` with the bytes at `offset` as they were at the capture's instant.
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// A new capture id: the creation time in ms since the Unix epoch (zero-padded, so ids sort
+/// by age as text too) and a random suffix.
+pub fn new_capture_id(unix_ms: u64, random: u32) -> String {
+    format!("{unix_ms:013}-{random:08x}")
+}
+
+/// The bitmap a capture creates.
+pub fn bitmap_name(capture_id: &str) -> String {
+    format!("{BITMAP_PREFIX}{capture_id}")
+}
+
+/// When the stillpoint bitmap `name` was created (ms since the Unix epoch), if `name` is one
+/// of ours in the current form.
+pub fn bitmap_created_ms(name: &str) -> Option<u64> {
+    let id = name.strip_prefix(BITMAP_PREFIX)?;
+    let (ms, suffix) = id.split_once('-')?;
+    if ms.len() != 13 || suffix.len() != 8 || !suffix.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    ms.parse().ok()
+}
+
+/// Full or incremental for `disk`, given the parent the engine asked for (pure; see the
+/// module doc for the rule).
+pub fn decide_mode(disk: &DiskInfo, parent: Option<&ParentBitmap>) -> CaptureMode {
+    let Some(parent) = parent else {
+        return CaptureMode::Full {
+            reason: FullReason::NoParent,
+        };
+    };
+    let bitmap = parent.bitmap.clone();
+    let reason = match disk.bitmap(&parent.bitmap) {
+        None => FullReason::BitmapMissing { bitmap },
+        Some(b) if b.inconsistent => FullReason::BitmapInconsistent { bitmap },
+        Some(b) if !b.persistent => FullReason::BitmapNotPersistent { bitmap },
+        Some(b) if !b.recording => FullReason::BitmapNotRecording { bitmap },
+        Some(b) if b.busy => FullReason::BitmapBusy { bitmap },
+        Some(_) if parent.disk_size != disk.virtual_size => FullReason::DiskResized {
+            bitmap,
+            was: parent.disk_size,
+            now: disk.virtual_size,
+        },
+        Some(_) => {
+            return CaptureMode::Incremental {
+                parent_bitmap: parent.bitmap.clone(),
+            };
+        }
+    };
+    CaptureMode::Full { reason }
+}
+
+/// Stillpoint bitmaps of `disk` that can only be removed (left inconsistent by an unclean
+/// exit of the hypervisor).
+pub fn unusable_bitmaps(disk: &DiskInfo) -> Vec<String> {
+    disk.bitmaps
+        .iter()
+        .filter(|b| b.inconsistent)
+        .map(|b| b.name.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bitmap(name: &str) -> BitmapHealth {
+        BitmapHealth {
+            name: name.into(),
+            recording: true,
+            inconsistent: false,
+            persistent: true,
+            busy: false,
+            count: 0,
+            granularity: 65536,
+        }
+    }
+
+    fn disk(bitmaps: Vec<BitmapHealth>) -> DiskInfo {
+        DiskInfo {
+            id: "vd0".into(),
+            node: "disk0".into(),
+            device: "/machine/peripheral/vd0/virtio-backend".into(),
+            virtual_size: 256 << 20,
+            image: "/vm/disk0.qcow2".into(),
+            format: "qcow2".into(),
+            bitmaps,
+        }
+    }
+
+    fn parent(name: &str, size: u64) -> ParentBitmap {
+        ParentBitmap {
+            bitmap: name.into(),
+            disk_size: size,
+        }
+    }
+
+    fn full(reason: FullReason) -> CaptureMode {
+        CaptureMode::Full { reason }
+    }
+
+    #[test]
+    fn incremental_only_with_a_healthy_parent_bitmap_of_the_same_disk_size() {
+        let b = "stillpoint-0000000000001-0000000a";
+        let size = 256 << 20;
+        assert_eq!(
+            decide_mode(&disk(vec![bitmap(b)]), Some(&parent(b, size))),
+            CaptureMode::Incremental {
+                parent_bitmap: b.into()
+            }
+        );
+        assert_eq!(
+            decide_mode(&disk(vec![bitmap(b)]), None),
+            full(FullReason::NoParent)
+        );
+        assert_eq!(
+            decide_mode(&disk(vec![]), Some(&parent(b, size))),
+            full(FullReason::BitmapMissing { bitmap: b.into() })
+        );
+        let case = |change: fn(&mut BitmapHealth)| {
+            let mut health = bitmap(b);
+            change(&mut health);
+            decide_mode(&disk(vec![health]), Some(&parent(b, size)))
+        };
+        assert_eq!(
+            case(|h| {
+                h.inconsistent = true;
+                h.recording = false;
+            }),
+            full(FullReason::BitmapInconsistent { bitmap: b.into() })
+        );
+        assert_eq!(
+            case(|h| h.persistent = false),
+            full(FullReason::BitmapNotPersistent { bitmap: b.into() })
+        );
+        assert_eq!(
+            case(|h| h.recording = false),
+            full(FullReason::BitmapNotRecording { bitmap: b.into() })
+        );
+        assert_eq!(
+            case(|h| h.busy = true),
+            full(FullReason::BitmapBusy { bitmap: b.into() })
+        );
+        assert_eq!(
+            decide_mode(&disk(vec![bitmap(b)]), Some(&parent(b, 128 << 20))),
+            full(FullReason::DiskResized {
+                bitmap: b.into(),
+                was: 128 << 20,
+                now: 256 << 20
+            })
+        );
+    }
+
+    #[test]
+    fn full_reasons_read_as_report_sentences() {
+        let text = FullReason::BitmapInconsistent {
+            bitmap: "stillpoint-x".into(),
+        }
+        .to_string();
+        assert_eq!(
+            text,
+            "the parent's dirty bitmap `stillpoint-x` is inconsistent after an unclean QEMU exit"
+        );
+        assert_eq!(
+            FullReason::DiskResized {
+                bitmap: "b".into(),
+                was: 1,
+                now: 2
+            }
+            .to_string(),
+            "the disk was resized from 1 to 2 bytes"
+        );
+        // The report serializes the reason with its facts.
+        let json = serde_json::to_value(full(FullReason::BitmapMissing {
+            bitmap: "stillpoint-y".into(),
+        }))
+        .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"mode": "full", "reason": {"reason": "bitmap-missing", "bitmap": "stillpoint-y"}})
+        );
+    }
+
+    #[test]
+    fn bitmap_names_carry_their_creation_time_and_sort_by_it() {
+        let id = new_capture_id(1_764_158_400_123, 0xdead_beef);
+        assert_eq!(id, "1764158400123-deadbeef");
+        let name = bitmap_name(&id);
+        assert_eq!(name, "stillpoint-1764158400123-deadbeef");
+        assert_eq!(bitmap_created_ms(&name), Some(1_764_158_400_123));
+        let older = bitmap_name(&new_capture_id(999, 1));
+        assert_eq!(older, "stillpoint-0000000000999-00000001");
+        assert!(older < name, "text order is age order");
+        for foreign in [
+            "b1",
+            "stillpoint-",
+            "stillpoint-123-deadbeef",
+            "stillpoint-1764158400123-xyz",
+            "stillpoint-1764158400123",
+            "other-1764158400123-deadbeef",
+        ] {
+            assert_eq!(bitmap_created_ms(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn only_inconsistent_bitmaps_are_unusable() {
+        let mut bad = bitmap("stillpoint-bad");
+        bad.inconsistent = true;
+        let mut idle = bitmap("stillpoint-idle");
+        idle.recording = false;
+        assert_eq!(
+            unusable_bitmaps(&disk(vec![bitmap("stillpoint-ok"), bad, idle])),
+            vec!["stillpoint-bad".to_string()]
+        );
+    }
+}
