@@ -405,6 +405,14 @@ fn flipped_index_and_manifest_bits_are_reported() {
         repo.find_snapshot(&b.id).unwrap_err().kind(),
         ErrorKind::Corrupt
     );
+    // Listing skips (and warns about) the damaged manifest instead of hiding every snapshot.
+    let listed: Vec<String> = repo
+        .snapshots(None)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(listed, vec![a.id.clone()]);
 }
 
 #[test]
