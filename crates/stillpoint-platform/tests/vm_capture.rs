@@ -20,6 +20,7 @@ use stillpoint_platform::capture::{
     ByteRange, Capture, CaptureMode, CaptureRequest, CapturedDisk, FullReason, StartedCapture,
 };
 use stillpoint_platform::qemu::capture::{QemuCapture, ResumeOutcome, resume_if_paused_by_capture};
+use stillpoint_platform::qemu::{QemuVmSpec, SpecOrigin};
 use stillpoint_qmp::Qmp;
 use stillpoint_testvm::{LaunchedVm, Restart, VmConfig};
 
@@ -214,7 +215,7 @@ async fn capture_with_reference(
             .await
             .expect("freeze");
     }
-    let reference = reference(capture.monitor(), vm, work).await;
+    let reference = reference(capture.monitor().await.unwrap(), vm, work).await;
     let started = prepared.start().await;
     if freeze {
         vm.agent_command("guest-fsfreeze-thaw", None, T)
@@ -336,12 +337,20 @@ async fn a_paused_vm_is_captured_without_being_resumed() {
          >/dev/null 2>&1 </dev/null &",
     )
     .await;
-    let qmp = monitor(&vm).await;
-    let capture = QemuCapture::new(vm.name(), qmp.clone());
+    // As the engine gets it: from the inventory's spec, connecting on first use.
+    let spec = QemuVmSpec {
+        name: vm.name().to_string(),
+        qmp_socket: vm.qmp_socket().to_path_buf(),
+        qga_socket: vm.qga_socket().map(Path::to_path_buf),
+        pid: Some(vm.pid()),
+        origin: SpecOrigin::RuntimeDir(vm.dir().join("vm.json")),
+    };
+    let capture = QemuCapture::for_spec(&spec);
     let prepared = capture
         .prepare(CaptureRequest::new(scratch.path()))
         .await
         .unwrap();
+    let qmp = capture.monitor().await.unwrap().clone();
     // The user pauses the VM (a crash-consistent capture of a paused VM).
     qmp.stop().await.unwrap();
     let reference = reference(&qmp, &vm, work.path()).await;

@@ -49,14 +49,14 @@ pub mod session;
 pub mod state;
 pub mod view;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde_json::json;
 use stillpoint_qmp::{Action, Qmp};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OnceCell};
 use tracing::{info, warn};
 
 use crate::capture::{
@@ -64,7 +64,7 @@ use crate::capture::{
     bitmap_name, decide_mode, new_capture_id, unusable_bitmaps,
 };
 use crate::error::{PlatformError, PlatformErrorKind, Result};
-use crate::qemu::QemuVm;
+use crate::qemu::{QemuVm, QemuVmSpec};
 
 pub use cleanup::{CleanupStep, ResumeOutcome, Scope, plan_cleanup, resume_if_paused_by_capture};
 pub use session::{QemuPrepared, QemuStarted};
@@ -77,10 +77,16 @@ use state::{DeviceDisk, device_disks};
 /// How long to wait for QEMU's events (an export going away) during clean-up.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long to wait for the monitor's greeting when connecting on first use: another client
+/// may hold the monitor (it takes one at a time), and then nothing answers.
+pub const MONITOR_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The capture capability of one QEMU VM, over its monitor.
 pub struct QemuCapture {
     vm: String,
-    qmp: Qmp,
+    /// Where to connect on first use (`None`: given connected).
+    socket: Option<PathBuf>,
+    qmp: OnceCell<Qmp>,
     lock: Arc<Mutex<()>>,
 }
 
@@ -89,19 +95,37 @@ impl QemuCapture {
     pub fn new(vm: impl Into<String>, qmp: Qmp) -> Self {
         Self {
             vm: vm.into(),
-            qmp,
+            socket: None,
+            qmp: OnceCell::new_with(Some(qmp)),
             lock: Arc::new(Mutex::new(())),
         }
     }
 
-    /// Opens the VM's monitor and holds it for captures.
+    /// Capture for a VM of the inventory; its monitor is opened on first use and then held
+    /// as long as this value lives (so `QemuVm::status` cannot reach the monitor meanwhile).
+    pub fn for_spec(spec: &QemuVmSpec) -> Self {
+        Self {
+            vm: spec.name.clone(),
+            socket: Some(spec.qmp_socket.clone()),
+            qmp: OnceCell::new(),
+            lock: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// Opens the VM's monitor now and holds it for captures.
     pub async fn connect(vm: &QemuVm) -> Result<Self> {
         Ok(Self::new(vm.spec().name.clone(), vm.monitor().await?))
     }
 
-    /// The monitor this capture uses (clones share the one connection).
-    pub fn monitor(&self) -> &Qmp {
-        &self.qmp
+    /// The monitor this capture uses (clones share the one connection), connected on first
+    /// use.
+    pub async fn monitor(&self) -> Result<&Qmp> {
+        self.qmp
+            .get_or_try_init(|| async {
+                let socket = self.socket.as_deref().expect("a lazy capture has a socket");
+                connect_monitor(&self.vm, socket, MONITOR_CONNECT_TIMEOUT).await
+            })
+            .await
     }
 
     fn error(&self, kind: PlatformErrorKind, what: impl std::fmt::Display) -> PlatformError {
@@ -109,7 +133,7 @@ impl QemuCapture {
     }
 
     async fn state(&self) -> Result<BlockState> {
-        BlockState::query(&self.qmp).await.map_err(|e| {
+        BlockState::query(self.monitor().await?).await.map_err(|e| {
             self.error(
                 PlatformErrorKind::Monitor,
                 "reading QEMU's block state failed",
@@ -130,7 +154,7 @@ impl QemuCapture {
             steps = steps.len(),
             "recovering leftovers of an interrupted capture"
         );
-        let failures = cleanup::run_cleanup(&self.qmp, &steps, EVENT_TIMEOUT).await;
+        let failures = cleanup::run_cleanup(self.monitor().await?, &steps, EVENT_TIMEOUT).await;
         if !failures.is_empty() {
             let text: Vec<String> = failures.iter().map(ToString::to_string).collect();
             return Err(self.error(
@@ -204,6 +228,7 @@ impl QemuCapture {
 
     /// Per disk: scratch file, scratch node, filter node.
     async fn set_up(&self, plan: &CapturePlan, cbw_timeout: Duration) -> Result<()> {
+        let qmp = self.monitor().await?;
         for disk in &plan.disks {
             let node = &disk.disk.node;
             create_scratch(&disk.scratch, disk.disk.virtual_size)
@@ -219,8 +244,7 @@ impl QemuCapture {
                     )
                     .with_source(e)
                 })?;
-            self.qmp
-                .blockdev_add(json!({"driver": "qcow2", "node-name": names::scratch(node),
+            qmp.blockdev_add(json!({"driver": "qcow2", "node-name": names::scratch(node),
                                      "file": {"driver": "file", "filename": disk.scratch}}))
                 .await
                 .map_err(|e| {
@@ -230,24 +254,23 @@ impl QemuCapture {
                     )
                     .with_source(e)
                 })?;
-            self.qmp
-                .blockdev_add(json!({
-                    "driver": "copy-before-write", "node-name": names::filter(node),
-                    "file": node, "target": names::scratch(node),
-                    "on-cbw-error": "break-snapshot",
-                    "cbw-timeout": cbw_timeout.as_secs().clamp(1, u64::from(u32::MAX)),
-                }))
-                .await
-                .map_err(|e| {
-                    self.error(
-                        PlatformErrorKind::Capture,
-                        format!(
-                            "disk {}: adding the copy-before-write filter failed",
-                            disk.disk.id
-                        ),
-                    )
-                    .with_source(e)
-                })?;
+            qmp.blockdev_add(json!({
+                "driver": "copy-before-write", "node-name": names::filter(node),
+                "file": node, "target": names::scratch(node),
+                "on-cbw-error": "break-snapshot",
+                "cbw-timeout": cbw_timeout.as_secs().clamp(1, u64::from(u32::MAX)),
+            }))
+            .await
+            .map_err(|e| {
+                self.error(
+                    PlatformErrorKind::Capture,
+                    format!(
+                        "disk {}: adding the copy-before-write filter failed",
+                        disk.disk.id
+                    ),
+                )
+                .with_source(e)
+            })?;
         }
         Ok(())
     }
@@ -346,13 +369,17 @@ impl Capture for QemuCapture {
             })
             .collect();
         if !removals.is_empty() {
-            self.qmp.transaction(removals).await.map_err(|e| {
-                self.error(
-                    PlatformErrorKind::Capture,
-                    "removing dirty bitmaps left inconsistent by an unclean QEMU exit failed",
-                )
-                .with_source(e)
-            })?;
+            self.monitor()
+                .await?
+                .transaction(removals)
+                .await
+                .map_err(|e| {
+                    self.error(
+                        PlatformErrorKind::Capture,
+                        "removing dirty bitmaps left inconsistent by an unclean QEMU exit failed",
+                    )
+                    .with_source(e)
+                })?;
         }
         let plan = CapturePlan {
             vm: self.vm.clone(),
@@ -364,7 +391,7 @@ impl Capture for QemuCapture {
             info!(vm = self.vm, disk = disk.disk.id, mode = ?disk.mode, "capture planned");
         }
         let ctx = Ctx {
-            qmp: self.qmp.clone(),
+            qmp: self.monitor().await?.clone(),
             vm: self.vm.clone(),
             timeout: EVENT_TIMEOUT,
             _lock: lock,
@@ -389,14 +416,26 @@ pub async fn resume_vm_if_paused_by_capture(
     connect_timeout: Duration,
 ) -> Result<ResumeOutcome> {
     let name = &vm.spec().name;
-    let socket = &vm.spec().qmp_socket;
-    let qmp = tokio::time::timeout(connect_timeout, Qmp::connect_unix(socket))
+    let qmp = connect_monitor(name, &vm.spec().qmp_socket, connect_timeout).await?;
+    resume_if_paused_by_capture(&qmp).await.map_err(|e| {
+        PlatformError::new(
+            PlatformErrorKind::Monitor,
+            format!("VM `{name}`: resuming a VM paused by a capture failed"),
+        )
+        .with_source(e)
+    })
+}
+
+/// Connects to a monitor, waiting at most `timeout` for its greeting.
+async fn connect_monitor(vm: &str, socket: &Path, timeout: Duration) -> Result<Qmp> {
+    tokio::time::timeout(timeout, Qmp::connect_unix(socket))
         .await
         .map_err(|_| {
             PlatformError::new(
                 PlatformErrorKind::Monitor,
                 format!(
-                    "VM `{name}`: the QMP monitor {} did not answer within {connect_timeout:?}",
+                    "VM `{vm}`: the QMP monitor {} did not answer within {timeout:?} (another \
+                     client may hold it)",
                     socket.display()
                 ),
             )
@@ -405,19 +444,12 @@ pub async fn resume_vm_if_paused_by_capture(
             PlatformError::new(
                 PlatformErrorKind::Monitor,
                 format!(
-                    "VM `{name}`: cannot open the QMP monitor {}",
+                    "VM `{vm}`: cannot open the QMP monitor {}",
                     socket.display()
                 ),
             )
             .with_source(e)
-        })?;
-    resume_if_paused_by_capture(&qmp).await.map_err(|e| {
-        PlatformError::new(
-            PlatformErrorKind::Monitor,
-            format!("VM `{name}`: resuming a VM paused by a capture failed"),
-        )
-        .with_source(e)
-    })
+        })
 }
 
 /// An error and its causes on one line.
