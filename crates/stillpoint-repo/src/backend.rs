@@ -127,6 +127,15 @@ impl LocalBackend {
             Err(e) if e.kind() == IoKind::NotFound => {
                 fs::create_dir_all(parent)?;
                 op(tmp, target)?;
+                // New directories are durable only once their own parents are synced.
+                let mut dir = parent;
+                while let Some(up) = dir.parent() {
+                    File::open(up)?.sync_all()?;
+                    if up == self.root || !up.starts_with(&self.root) {
+                        break;
+                    }
+                    dir = up;
+                }
             }
             other => other?,
         }

@@ -60,7 +60,8 @@ pub struct LockRecord {
     pub pid: u32,
     /// What it is doing (`backup vm1`, `gc` …).
     pub purpose: String,
-    /// Backend time of the first put, nanoseconds since the epoch (absent in the first put).
+    /// Backend time of the first put, nanoseconds since the epoch; written by refreshes (until
+    /// the first refresh the object's modification time is the start).
     #[serde(default)]
     pub start_ns: Option<u128>,
     /// Snapshots a backup carries chunks over from (gc keeps their indexes' chunks).
@@ -197,8 +198,9 @@ impl LockGuard {
                             .unwrap_or_default()
                             .as_nanos(),
                     );
+                    // Stored with the first refresh: until then the object's own time is
+                    // the start (see `list_locks`), which saves a second durable put.
                     let bytes = serde_json::to_vec(&record).expect("lock record");
-                    backend.put(&key, &bytes)?;
                     debug!(key, ?kind, purpose, "lock acquired");
                     let stop = Arc::new((Mutex::new(false), Condvar::new()));
                     let refresher =
