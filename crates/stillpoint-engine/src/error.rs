@@ -21,6 +21,12 @@ pub enum EngineErrorKind {
     Agent,
     /// The requested consistency cannot be reached and the policy says fail.
     ConsistencyRefused,
+    /// A recipe command in the guest could not be started, watched or ended (guest-exec).
+    GuestCommand,
+    /// A recipe command on the host could not be started, watched or ended.
+    HostCommand,
+    /// The capture step of a recipe failed (disk selection, freeze, capture start).
+    Capture,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -11,5 +11,6 @@ pub mod error;
 pub mod freeze;
 pub mod guardian;
 pub mod preflight;
+pub mod recipe_runner;
 
 pub use error::{EngineError, EngineErrorKind, Result};

@@ -291,7 +291,8 @@ pub struct WorkflowReport {
     /// The capture ran and succeeded.
     pub captured: bool,
     /// Every essential step before the capture succeeded, every background op still held at
-    /// the capture, and the capture succeeded: what `application` consistency requires.
+    /// the capture, and the capture succeeded (frozen, when a freeze was asked for): what
+    /// `application` consistency requires.
     pub application_steps_ok: bool,
     pub steps: Vec<StepRecord>,
     #[serde(rename = "duration_ms", serialize_with = "millis")]
@@ -381,7 +382,12 @@ impl<'r, R: StepRunner> Executor<'r, R> {
                 }
                 let record = self.capture(capture).await;
                 captured = record.ok();
+                // A capture asked to freeze that reports no freeze (a platform that degraded to
+                // an unfrozen capture) is not application-consistent, however it succeeded.
+                let froze_as_asked =
+                    !capture.freeze || record.freeze.as_ref().is_some_and(|f| f.frozen);
                 application_steps_ok = captured
+                    && froze_as_asked
                     && records
                         .iter()
                         .filter(|r| r.phase == Phase::BeforeCapture && r.essential)

@@ -640,6 +640,30 @@ async fn a_capture_that_reports_a_freeze_without_a_thaw_is_thawed_by_the_executo
 }
 
 #[tokio::test]
+async fn a_capture_that_did_not_freeze_as_asked_is_not_application_consistent() {
+    for freeze in [
+        None,
+        Some(FreezeTrace {
+            frozen: false,
+            thawed: false,
+            frozen_for: None,
+            error: Some("guest-fsfreeze-freeze is disabled".into()),
+        }),
+    ] {
+        let runner = ScriptedRunner::default().capture_result(Ok(CaptureOutcome {
+            disks: vec!["vda".into()],
+            freeze,
+        }));
+        let report = run(&plan(LOCK_RECIPE), &runner).await;
+        assert!(report.captured, "the capture itself succeeded");
+        assert!(
+            !report.application_steps_ok,
+            "an unfrozen capture is never application-consistent"
+        );
+    }
+}
+
+#[tokio::test]
 async fn the_report_serializes_with_durations_in_milliseconds() {
     let runner = ScriptedRunner::default();
     let report = run(&plan(LOCK_RECIPE), &runner).await;
