@@ -12,7 +12,7 @@ use stillpoint_platform::DiskIdentity;
 use stillpoint_qga::FsInfo;
 
 /// The outcome for the captured disks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Coverage {
     /// Disk id → the mountpoints frozen on it.
     pub covered: Vec<(String, Vec<String>)>,

@@ -21,6 +21,8 @@ pub enum EngineErrorKind {
     Agent,
     /// The requested consistency cannot be reached and the policy says fail.
     ConsistencyRefused,
+    /// The repository failed (open, write, publish).
+    Repository,
     /// A recipe command in the guest could not be started, watched or ended (guest-exec).
     GuestCommand,
     /// A recipe command on the host could not be started, watched or ended.

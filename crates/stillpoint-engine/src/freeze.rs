@@ -339,7 +339,7 @@ pub struct GuardedFreeze {
 }
 
 /// What a guarded freeze recorded once thawed.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct FreezeWindow {
     pub filesystems: u32,
     pub freeze_ms: f64,

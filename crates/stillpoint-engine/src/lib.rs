@@ -5,12 +5,14 @@
 //! platform drivers. Only this crate combines the platform, the recipe executor and the
 //! repository.
 
+pub mod backup;
+pub mod capture_source;
 pub mod consistency;
 pub mod coverage;
 pub mod error;
 pub mod freeze;
 pub mod guardian;
 pub mod preflight;
-pub mod recipe_runner;
+pub mod report;
 
 pub use error::{EngineError, EngineErrorKind, Result};

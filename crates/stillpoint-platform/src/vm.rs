@@ -113,6 +113,10 @@ pub trait Vm: Send + Sync {
     fn agent(&self) -> Option<Arc<dyn GuestAgent>>;
     /// How the guest sees each of the VM's disks (for matching frozen filesystems to disks).
     async fn disk_identities(&self) -> Result<Vec<DiskIdentity>>;
+    /// The capture capability, when the platform can take point-in-time captures. A capture
+    /// holds the VM's monitor while it lives (QEMU's takes one client at a time): look at the
+    /// VM (`status`, `disk_identities`) before preparing one, or after dropping it.
+    fn capture(&self) -> Option<Arc<dyn crate::capture::Capture>>;
 }
 
 #[cfg(test)]

@@ -135,6 +135,12 @@ impl Vm for QemuVm {
         self.agent.clone().map(|agent| agent as Arc<dyn GuestAgent>)
     }
 
+    fn capture(&self) -> Option<Arc<dyn crate::capture::Capture>> {
+        Some(Arc::new(crate::qemu::capture::QemuCapture::for_spec(
+            &self.spec,
+        )))
+    }
+
     async fn disk_identities(&self) -> Result<Vec<DiskIdentity>> {
         let qmp = self.monitor().await?;
         let monitor_error = |what: &str, error: stillpoint_qmp::Error| {
