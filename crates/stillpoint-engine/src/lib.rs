@@ -13,6 +13,7 @@ pub mod error;
 pub mod freeze;
 pub mod guardian;
 pub mod preflight;
+pub mod recipe_runner;
 pub mod report;
 
 pub use error::{EngineError, EngineErrorKind, Result};
