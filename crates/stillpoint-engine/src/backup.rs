@@ -141,6 +141,7 @@ impl Run {
                 freeze: None,
                 coverage: None,
                 capture: None,
+                vm_definition: None,
                 disks: Vec::new(),
                 steps: Vec::new(),
                 recipe: None,
@@ -226,7 +227,15 @@ impl Run {
                 request = request.with_parent(&disk.id, bitmap, disk.size);
             }
         }
-        // What a freeze would cover, asked before the capture holds the VM's monitor.
+        // How to start the VM again, and what a freeze would cover: asked before the capture
+        // holds the VM's monitor.
+        match vm.definition().await {
+            Ok(definition) => self.report.vm_definition = definition,
+            Err(error) => self.report.notes.push(format!(
+                "the VM's definition could not be recorded: {}",
+                error_chain(&error)
+            )),
+        }
         let freeze_facts = if plan.freeze {
             Some(self.freeze_facts(vm.as_ref()).await)
         } else {

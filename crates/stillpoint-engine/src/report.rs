@@ -35,6 +35,8 @@ pub struct BackupReport {
     pub capture: Option<CaptureTiming>,
     pub disks: Vec<DiskReport>,
     pub steps: Vec<StepRecord>,
+    /// What is needed to start the VM again (restore rewrites it for the restored disks).
+    pub vm_definition: Option<stillpoint_platform::VmDefinition>,
     /// The recipe workflow's own report (application level).
     pub recipe: Option<serde_json::Value>,
     pub bytes_read: u64,

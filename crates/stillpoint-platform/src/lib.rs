@@ -22,7 +22,9 @@ pub use capture::{
     StartedCapture,
 };
 pub use error::{PlatformError, PlatformErrorKind, Result};
-pub use vm::{DiskIdentity, PlatformKind, RunState, Vm, VmRef, VmStatus};
+pub use vm::{
+    DefinedDisk, DiskIdentity, PlatformKind, RunState, Vm, VmDefinition, VmRef, VmStatus,
+};
 
 use std::sync::Arc;
 

@@ -104,6 +104,25 @@ pub struct DiskIdentity {
     pub pci: Option<(i64, i64, i64)>,
 }
 
+/// What is needed to start the VM again: recorded with every snapshot, rewritten at restore
+/// (disk images → the restored files, sockets → new ones).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDefinition {
+    /// `qemu` (the only kind so far).
+    pub kind: String,
+    /// The hypervisor's command line, as it runs now.
+    pub argv: Vec<String>,
+    /// Disk id → the image file the command line refers to.
+    pub disks: Vec<DefinedDisk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefinedDisk {
+    pub id: String,
+    pub image: String,
+    pub format: String,
+}
+
 /// One VM on some platform.
 #[async_trait]
 pub trait Vm: Send + Sync {
@@ -117,6 +136,8 @@ pub trait Vm: Send + Sync {
     /// holds the VM's monitor while it lives (QEMU's takes one client at a time): look at the
     /// VM (`status`, `disk_identities`) before preparing one, or after dropping it.
     fn capture(&self) -> Option<Arc<dyn crate::capture::Capture>>;
+    /// What is needed to start the VM again, when the platform can tell.
+    async fn definition(&self) -> Result<Option<VmDefinition>>;
 }
 
 #[cfg(test)]

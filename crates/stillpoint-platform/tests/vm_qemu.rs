@@ -55,6 +55,26 @@ async fn status_agent_and_disk_identities_of_a_running_vm() {
         );
     }
 
+    let definition = handle
+        .definition()
+        .await
+        .unwrap()
+        .expect("a local QEMU has a definition");
+    assert_eq!(definition.kind, "qemu");
+    assert!(
+        definition.argv[0].ends_with("qemu-system-x86_64"),
+        "{:?}",
+        definition.argv
+    );
+    assert!(definition.argv.iter().any(|arg| arg == "-blockdev"));
+    let images: Vec<(&str, &str)> = definition
+        .disks
+        .iter()
+        .map(|d| (d.id.as_str(), d.format.as_str()))
+        .collect();
+    assert_eq!(images, [("vd0", "qcow2"), ("vd1", "qcow2")]);
+    assert_eq!(Path::new(&definition.disks[0].image), vm.disks()[0].path);
+
     vm.agent_command("guest-ping", None, std::time::Duration::from_secs(5))
         .await
         .unwrap();

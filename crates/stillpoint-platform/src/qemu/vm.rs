@@ -9,7 +9,7 @@ use stillpoint_qmp::Qmp;
 use crate::agent::{GuestAgent, SocketAgent};
 use crate::error::{PlatformError, PlatformErrorKind, Result};
 use crate::qemu::QemuVmSpec;
-use crate::vm::{DiskIdentity, RunState, Vm, VmRef, VmStatus};
+use crate::vm::{DefinedDisk, DiskIdentity, RunState, Vm, VmDefinition, VmRef, VmStatus};
 
 /// How long to wait for the monitor's greeting: another client may hold the monitor (QEMU's
 /// chardev takes one at a time), in which case nothing answers.
@@ -133,6 +133,53 @@ impl Vm for QemuVm {
 
     fn agent(&self) -> Option<Arc<dyn GuestAgent>> {
         self.agent.clone().map(|agent| agent as Arc<dyn GuestAgent>)
+    }
+
+    async fn definition(&self) -> Result<Option<VmDefinition>> {
+        let pid = match self.spec.pid {
+            Some(pid) => Some(pid),
+            // QEMU started elsewhere: the monitor socket's peer is the QEMU process.
+            None => tokio::net::UnixStream::connect(&self.spec.qmp_socket)
+                .await
+                .ok()
+                .and_then(|stream| stream.peer_cred().ok())
+                .and_then(|cred| cred.pid())
+                .map(|pid| pid as u32),
+        };
+        let Some(pid) = pid else { return Ok(None) };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return Ok(None); // another host's or another user's QEMU
+        };
+        let argv: Vec<String> = cmdline
+            .split(|byte| *byte == 0)
+            .filter(|arg| !arg.is_empty())
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect();
+        let qmp = self.monitor().await?;
+        let blocks = qmp.query_block().await.map_err(|error| {
+            PlatformError::new(
+                PlatformErrorKind::Monitor,
+                format!("VM `{}`: query-block failed", self.spec.name),
+            )
+            .with_source(error)
+        })?;
+        let disks = blocks
+            .iter()
+            .filter_map(|block| {
+                let (id, _) = device_of(block.qdev.as_deref()?);
+                let node = block.inserted.as_ref()?;
+                Some(DefinedDisk {
+                    id,
+                    image: node.image.filename.clone(),
+                    format: node.image.format.clone(),
+                })
+            })
+            .collect();
+        Ok(Some(VmDefinition {
+            kind: "qemu".into(),
+            argv,
+            disks,
+        }))
     }
 
     fn capture(&self) -> Option<Arc<dyn crate::capture::Capture>> {
