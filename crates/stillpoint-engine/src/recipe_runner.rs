@@ -29,9 +29,11 @@
 //!   cut said in the text); the agent itself keeps at most 16 MiB.
 //!
 //! Limits — what can still be left behind:
-//! - Dropping a running command (the runner, a background handle, or a step future the
-//!   executor gave up on) kills it: on the host synchronously (`killpg`), in the guest from a
-//!   spawned task, which needs a live tokio runtime and an agent that answers.
+//! - A command is owned by its step future or its [`BackgroundProcess`] handle (the executor
+//!   holds those inside `run`). Dropping either before the command ended — a cancelled or
+//!   timed-out `Executor::run`, a step the executor's backstop gave up on — kills it: on the
+//!   host synchronously (`killpg`), in the guest from a spawned task, which needs a live tokio
+//!   runtime and an agent that answers.
 //! - If stillpoint itself is killed (SIGKILL), host commands get SIGKILL from the kernel
 //!   (`PR_SET_PDEATHSIG`, first process only), but guest commands keep running: the guest
 //!   knows nothing about us. A recipe that holds a lock should bound it inside the guest
@@ -160,12 +162,12 @@ impl QemuStepRunner {
         })
     }
 
-    async fn grouped(&self, agent: &Arc<dyn GuestAgent>) -> Result<bool> {
+    async fn grouped(&self, agent: &Arc<dyn GuestAgent>, step: &str) -> Result<bool> {
         match self.options.guest_process_groups {
             GuestProcessGroups::Off => Ok(false),
             GuestProcessGroups::Setsid => self
                 .setsid
-                .get_or_try_init(|| guest::probe_setsid(agent, &self.vm_name))
+                .get_or_try_init(|| guest::probe_setsid(agent, &self.vm_name, step))
                 .await
                 .copied(),
         }
@@ -173,7 +175,7 @@ impl QemuStepRunner {
 
     async fn start_guest(&self, request: &ExecRequest) -> Result<GuestProcess> {
         let agent = self.agent(&request.id)?;
-        let grouped = self.grouped(&agent).await?;
+        let grouped = self.grouped(&agent, &request.id).await?;
         if request.container.is_some() {
             tracing::warn!(step = %request.id, "`container` applies on KubeVirt only; ignored on the qemu platform");
         }

@@ -21,8 +21,8 @@ use stillpoint_platform::qemu::{QemuInventory, QemuVm};
 use stillpoint_platform::{GuestAgent, Vm};
 use stillpoint_qga::{ExecRequest, ExecStatus, FreezeStatus};
 use stillpoint_recipe::{
-    CaptureOutcome, DiskInfo, ExecOptions, Executor, PlanOptions, StepOutcome, ValidateOptions,
-    WorkflowPlan, WorkflowReport, check_source, load_recipe, plan_workflow,
+    CaptureOutcome, DiskInfo, ExecOptions, Executor, PlanOptions, StepOutcome, StepRunner,
+    ValidateOptions, WorkflowPlan, WorkflowReport, check_source, load_recipe, plan_workflow,
 };
 use stillpoint_testvm::{LaunchedVm, VmConfig, wait_until};
 
@@ -724,4 +724,117 @@ async fn a_lock_held_by_the_application_is_not_taken_for_the_recipes_own() {
 
     guest.sh_ok(&format!("kill -KILL -{application}")).await;
     assert_eq!(guest.freeze_status().await, FreezeStatus::Thawed);
+}
+
+const HANGING: &str = r#"
+apiVersion: ramendr.openshift.io/v1alpha1
+kind: Recipe
+metadata: {name: hanging}
+spec:
+  groups:
+  - {name: vm-disks, type: volume}
+  hooks:
+  - name: app
+    type: exec
+    ops:
+    - name: hold
+      background: true
+      command: [/bin/sh, -c, "sleep 404; echo never"]
+    - name: hang
+      timeout: 300
+      command: [/bin/sh, -c, "sleep 405; echo never"]
+  workflows:
+  - name: backup
+    sequence:
+    - hook: app/hold
+    - hook: app/hang
+    - group: vm-disks
+"#;
+
+#[tokio::test]
+async fn a_cancelled_run_kills_what_its_steps_still_run_in_the_guest() {
+    let guest = Guest::boot("recipe-cancel").await;
+    let runner = QemuStepRunner::new(
+        guest.vm.clone(),
+        guest.disks(),
+        Arc::new(guest.freeze_only()),
+    );
+    let plan = backup_plan(HANGING);
+    let running = |guest: &Guest| {
+        let agent = guest.agent();
+        async move {
+            let listing = agent
+                .run(
+                    &ExecRequest::new("ps", ["-o", "args"]),
+                    Duration::from_secs(30),
+                )
+                .await
+                .expect("ps")
+                .stdout_text();
+            ["sleep 404", "sleep 405"]
+                .into_iter()
+                .filter(|command| listing.lines().any(|l| l.trim() == *command))
+                .count()
+        }
+    };
+    {
+        let executor = Executor::new(&runner, ExecOptions::default());
+        let run = executor.run(&plan);
+        tokio::pin!(run);
+        // Drive the run until both commands run in the guest, then drop it (cancel).
+        let started = tokio::select! {
+            _ = &mut run => panic!("the run cannot finish: its step hangs for 300 s"),
+            started = wait_until(Duration::from_secs(60), || async { running(&guest).await == 2 }) => started,
+        };
+        assert!(started, "both commands run in the guest");
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            running(&guest).await == 0
+        })
+        .await,
+        "the cancelled run's guest commands were killed"
+    );
+}
+
+#[tokio::test]
+async fn a_guest_frozen_by_someone_else_is_explained_and_ensure_thawed_thaws_it() {
+    let guest = Guest::boot("recipe-frozen").await;
+    let runner = QemuStepRunner::new(
+        guest.vm.clone(),
+        guest.disks(),
+        Arc::new(guest.freeze_only()),
+    );
+    let request = stillpoint_recipe::ExecRequest {
+        id: "app/flush".to_owned(),
+        target: stillpoint_recipe::Target::Guest,
+        container: None,
+        argv: vec!["sync".to_owned()],
+        env: Vec::new(),
+        stdin: None,
+        timeout: Duration::from_secs(10),
+    };
+    let frozen = guest
+        .agent()
+        .freeze(Duration::from_secs(30))
+        .await
+        .expect("the test freezes the guest");
+    assert!(frozen >= 1);
+
+    let error = runner
+        .exec(&request)
+        .await
+        .expect_err("guest-exec is refused while frozen");
+    assert_eq!(error.kind(), EngineErrorKind::GuestCommand);
+    let message = error.to_string();
+    assert!(
+        message.starts_with("VM `recipe-frozen`: cannot start `app/flush` in the guest while its filesystems are frozen"),
+        "{message}"
+    );
+
+    runner.ensure_thawed().await.expect("ensure_thawed thaws");
+    assert_eq!(guest.freeze_status().await, FreezeStatus::Thawed);
+    runner.ensure_thawed().await.expect("and is idempotent");
+    let outcome = runner.exec(&request).await.expect("runs once thawed");
+    assert!(outcome.succeeded(), "{outcome:?}");
 }

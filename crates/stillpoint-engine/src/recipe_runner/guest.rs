@@ -105,10 +105,15 @@ pub(super) fn agent_error(vm: &str, step: &str, action: &str, error: AgentError)
     EngineError::new(EngineErrorKind::GuestCommand, message).with_source(error)
 }
 
-/// Whether the guest can run `setsid`: it is started once (`setsid true`). The agent failing
-/// to spawn it (its `GenericError`, "Failed to execute child process") means no; any other
-/// failure (agent busy, frozen, guest-exec disabled) is an error, not an answer.
-pub(super) async fn probe_setsid(agent: &Arc<dyn GuestAgent>, vm: &str) -> Result<bool> {
+/// Whether the guest can run `setsid`: it is started once (`setsid true`), before the first
+/// guest command (`step`, named in errors). The agent failing to spawn it (its `GenericError`,
+/// "Failed to execute child process") means no; any other failure (agent busy, frozen,
+/// guest-exec disabled) is an error, not an answer.
+pub(super) async fn probe_setsid(
+    agent: &Arc<dyn GuestAgent>,
+    vm: &str,
+    step: &str,
+) -> Result<bool> {
     let request = ExecRequest::new(SETSID, ["true"]);
     match agent.exec_start(&request).await {
         Ok(pid) => {
@@ -132,7 +137,7 @@ pub(super) async fn probe_setsid(agent: &Arc<dyn GuestAgent>, vm: &str) -> Resul
             );
             Ok(false)
         }
-        Err(error) => Err(agent_error(vm, "setsid probe", "run", error)),
+        Err(error) => Err(agent_error(vm, step, "start", error)),
     }
 }
 
