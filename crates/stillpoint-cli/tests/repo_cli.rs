@@ -388,3 +388,42 @@ fn prune_and_gc_by_retention_rules() {
         fs::read(env.path("out/disk.raw")).unwrap()
     );
 }
+
+#[test]
+fn restore_one_disk_as_qcow2() {
+    let env = Env::new();
+    env.init("1MiB");
+    let image = env.random_image("vda.img", (2 << 20) + 4096, 7);
+    let id = env.json(&[
+        "backup-image",
+        "vda.img",
+        "--name",
+        "vm",
+        "--disk-name",
+        "vda",
+    ])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = env.run(&["restore", &id, "--to", "out", "--disk", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no disk named `nope`") && stderr(&out).contains("vda"),
+        "{}",
+        stderr(&out)
+    );
+    env.json(&[
+        "restore", &id, "--to", "out", "--disk", "vda", "--format", "qcow2",
+    ]);
+    let qcow = env.path("out/vda.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(&image)
+        .arg(&qcow)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "qemu-img compare: the qcow2 differs from the image"
+    );
+}

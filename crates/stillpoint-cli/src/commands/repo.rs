@@ -191,7 +191,8 @@ fn verify(ctx: &Context, args: VerifyArgs) -> anyhow::Result<ExitCode> {
     if let Some(bar) = &bar {
         bar.set_style(
             ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} chunks eta {eta}")
-                .expect("valid template"),
+                .expect("valid template")
+                .progress_chars("=> "),
         );
     }
     let progress = |done: u64, total: u64| {
