@@ -2,17 +2,19 @@
 //!
 //! ```text
 //! preflight ─► plan (level, policy, freeze coverage) ─► prepare capture (recover leftovers,
-//! full/incremental per disk, scratch + filters) ─► [guarded freeze] ─► capture start (one
-//! atomic step for all disks) ─► [thaw, always] ─► export ─► copy into the repository
-//! (allocated / dirty extents only) ─► publish the manifest ─► finish the capture (settle
-//! bitmaps) ─► report
+//! full/incremental per disk, scratch + filters) ─► [recipe steps before] ─► [guarded freeze]
+//! ─► capture start (one atomic step for all disks) ─► [thaw, always] ─► [recipe steps after]
+//! ─► export ─► copy into the repository (allocated / dirty extents only) ─► publish the
+//! manifest ─► finish the capture (settle bitmaps) ─► report
 //! ```
 //!
 //! What can go wrong, and what this code guarantees then:
 //! - The level cannot be reached: `--on-quiesce-failure fail` stops before the capture and
 //!   publishes nothing; `degrade` goes on at the level reached and says why.
-//! - The freeze fails at run time: same policy; the guest is never left frozen (the guarded
-//!   freeze and its guardian see to it).
+//! - The freeze fails at run time, or the recipe's steps before the capture fail: same policy
+//!   (degrade: capture without the freeze or without the application steps); the guest is
+//!   never left frozen (the guarded freeze and its guardian see to it), and the recipe's
+//!   inverse ops undo what its steps did.
 //! - Anything fails after the capture started: the capture is finished as a failure (the dirty
 //!   bitmaps keep every change for the next run), nothing is published, chunks already stored
 //!   stay in the repository for the next backup to reuse.
@@ -23,19 +25,26 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use stillpoint_platform::capture::{
     CaptureMode, CaptureRequest, CapturedDisk, PreparedCapture, StartedCapture,
 };
 use stillpoint_platform::{DiskIdentity, Platforms, Vm};
 use stillpoint_qga::FsInfo;
+use stillpoint_recipe::model::{HookType, Recipe, Target};
+use stillpoint_recipe::{
+    CaptureOutcome, ExecOptions, Executor, FreezeTrace, PlanOptions, PlannedStep, WorkflowPlan,
+};
 use stillpoint_repo::{BackupOptions, DiskInput, Extent, Manifest, Repository, SnapshotInfo};
+use tokio::sync::Mutex;
 
 use crate::capture_source::CapturedDiskSource;
 use crate::consistency::{self, Indication, Level, OnQuiesceFailure, RecipeFacts};
 use crate::coverage;
 use crate::error::{EngineError, EngineErrorKind, Result};
-use crate::freeze::{GuardContext, GuardedFreeze};
+use crate::freeze::{FreezeWindow, GuardContext, GuardedFreeze};
 use crate::preflight::{self, error_chain};
+use crate::recipe_runner::{CaptureHook, QemuStepRunner};
 use crate::report::{BackupReport, CaptureTiming, DiskReport, ParentTracking, StepLog, ms};
 
 /// Shared by every VM of one `stillpoint backup` run.
@@ -44,7 +53,7 @@ pub struct BackupEnv {
     pub platforms: Platforms,
     pub repo: Repository,
     pub guard: GuardContext,
-    /// Scratch space for copy-before-write (one subdirectory per capture).
+    /// Scratch space for copy-before-write (one subdirectory per VM).
     pub scratch_root: PathBuf,
     /// How long the guest agent's freeze call may take.
     pub freeze_timeout: Duration,
@@ -65,6 +74,32 @@ pub trait CopyProgress: Send + Sync {
 pub struct NoProgress;
 impl CopyProgress for NoProgress {}
 
+/// A recipe for the application level, as loaded and validated.
+#[derive(Debug, Clone)]
+pub struct RecipeInput {
+    pub path: PathBuf,
+    pub recipe: Recipe,
+}
+
+impl RecipeInput {
+    /// What the consistency decision needs to know about it.
+    pub fn facts(&self) -> RecipeFacts {
+        let needs_guest_exec = self.recipe.hooks.iter().any(|hook| {
+            hook.target.value == Target::Guest
+                && matches!(hook.hook_type.value, HookType::Exec | HookType::Check)
+        });
+        let name = self
+            .recipe
+            .name
+            .clone()
+            .unwrap_or_else(|| self.path.display().to_string());
+        RecipeFacts {
+            name,
+            needs_guest_exec,
+        }
+    }
+}
+
 /// What to back up.
 #[derive(Debug, Clone)]
 pub struct BackupJob {
@@ -73,7 +108,7 @@ pub struct BackupJob {
     pub requested: Level,
     pub policy: OnQuiesceFailure,
     /// A recipe for the application level.
-    pub recipe: Option<RecipeFacts>,
+    pub recipe: Option<Arc<RecipeInput>>,
     /// Read every disk in full even when an incremental would be possible.
     pub force_full: bool,
 }
@@ -121,6 +156,147 @@ pub async fn backup_vm(env: &BackupEnv, job: BackupJob) -> BackupOutcome {
     }
 }
 
+/// One attempt at the point in time: the guarded freeze (when asked), the capture start, the
+/// thaw. Kept as data so the plain path and the recipe's capture step share it.
+struct StartAttempt {
+    /// Given back when nothing was started (the freeze failed first).
+    unstarted: Option<Box<dyn PreparedCapture>>,
+    started:
+        Option<std::result::Result<Box<dyn StartedCapture>, stillpoint_platform::PlatformError>>,
+    freeze: Option<Span>,
+    freeze_error: Option<EngineError>,
+    start: Option<Span>,
+    thaw: Option<Span>,
+    window: Option<FreezeWindow>,
+    thaw_error: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+struct Span {
+    began: Instant,
+    ended: Instant,
+}
+
+impl Span {
+    fn since(began: Instant) -> Self {
+        Self {
+            began,
+            ended: Instant::now(),
+        }
+    }
+}
+
+/// Freeze (when asked) → capture start → thaw. The guest is frozen for exactly this, and
+/// thawed on every path that froze it.
+async fn freeze_and_start(
+    env: &BackupEnv,
+    vm: &dyn Vm,
+    prepared: Box<dyn PreparedCapture>,
+    freeze: bool,
+) -> StartAttempt {
+    let mut attempt = StartAttempt {
+        unstarted: None,
+        started: None,
+        freeze: None,
+        freeze_error: None,
+        start: None,
+        thaw: None,
+        window: None,
+        thaw_error: None,
+    };
+    let frozen = if freeze {
+        let began = Instant::now();
+        let agent = match vm.agent() {
+            Some(agent) => agent,
+            None => {
+                attempt.freeze_error = Some(EngineError::new(
+                    EngineErrorKind::Agent,
+                    "the VM has no guest agent channel",
+                ));
+                attempt.unstarted = Some(prepared);
+                return attempt;
+            }
+        };
+        let frozen =
+            GuardedFreeze::freeze(vm, agent, &env.guard, env.freeze_timeout, env.hold_limit).await;
+        attempt.freeze = Some(Span::since(began));
+        match frozen {
+            Ok(frozen) => Some(frozen),
+            Err(error) => {
+                attempt.freeze_error = Some(error);
+                attempt.unstarted = Some(prepared);
+                return attempt;
+            }
+        }
+    } else {
+        None
+    };
+    let began = Instant::now();
+    attempt.started = Some(prepared.start().await);
+    attempt.start = Some(Span::since(began));
+    if let Some(frozen) = frozen {
+        let began = Instant::now();
+        let (window, thawed) = frozen.thaw().await;
+        attempt.thaw = Some(Span::since(began));
+        attempt.window = Some(window);
+        attempt.thaw_error = thawed.err().map(|error| error_chain(&error));
+    }
+    attempt
+}
+
+/// The recipe's capture step: the same freeze → start → thaw, on the prepared capture.
+struct RecipeCapture {
+    env: BackupEnv,
+    vm: Arc<dyn Vm>,
+    prepared: Mutex<Option<Box<dyn PreparedCapture>>>,
+    attempt: Mutex<Option<StartAttempt>>,
+}
+
+#[async_trait]
+impl CaptureHook for RecipeCapture {
+    async fn capture(&self, disks: &[String], freeze: bool) -> Result<CaptureOutcome> {
+        let prepared = self.prepared.lock().await.take().ok_or_else(|| {
+            EngineError::new(
+                EngineErrorKind::Capture,
+                "the recipe asks for a second capture; a backup takes one",
+            )
+        })?;
+        let mut attempt = freeze_and_start(&self.env, self.vm.as_ref(), prepared, freeze).await;
+        let outcome = if let Some(error) = &attempt.freeze_error {
+            *self.prepared.lock().await = attempt.unstarted.take();
+            Err(EngineError::new(
+                EngineErrorKind::Agent,
+                format!(
+                    "the freeze before the capture failed: {}",
+                    error_chain(error)
+                ),
+            ))
+        } else {
+            match &attempt.started {
+                Some(Ok(_)) => Ok(CaptureOutcome {
+                    disks: disks.to_vec(),
+                    freeze: attempt.window.as_ref().map(|window| FreezeTrace {
+                        frozen: true,
+                        thawed: attempt.thaw_error.is_none(),
+                        frozen_for: Some(Duration::from_secs_f64(window.frozen_ms / 1000.0)),
+                        error: attempt.thaw_error.clone(),
+                    }),
+                }),
+                Some(Err(error)) => Err(EngineError::new(
+                    EngineErrorKind::Capture,
+                    format!("the capture did not start: {}", error_chain(error)),
+                )),
+                None => Err(EngineError::new(
+                    EngineErrorKind::Capture,
+                    "the capture did not start",
+                )),
+            }
+        };
+        *self.attempt.lock().await = Some(attempt);
+        outcome
+    }
+}
+
 struct Run {
     log: StepLog,
     report: BackupReport,
@@ -164,6 +340,16 @@ impl Run {
         self.report.degraded_because.push(why);
     }
 
+    fn refuse(&self, job: &BackupJob, why: impl std::fmt::Display) -> EngineError {
+        EngineError::new(
+            EngineErrorKind::ConsistencyRefused,
+            format!(
+                "VM `{}`: {} consistency cannot be reached ({why}) and --on-quiesce-failure is fail; nothing was backed up",
+                job.vm, job.requested
+            ),
+        )
+    }
+
     async fn execute(&mut self, env: &BackupEnv, job: &BackupJob) -> Result<Manifest> {
         let vm = env.platforms.resolve(&job.vm).map_err(platform)?;
         self.report.platform = vm.reference().platform.as_str().to_string();
@@ -175,12 +361,10 @@ impl Run {
         })?;
 
         // Preflight and plan.
+        let recipe_facts = job.recipe.as_ref().map(|recipe| recipe.facts());
         let facts = self
             .log
-            .run(
-                "preflight",
-                preflight::gather(vm.as_ref(), job.recipe.clone()),
-            )
+            .run("preflight", preflight::gather(vm.as_ref(), recipe_facts))
             .await
             .map_err(platform)?;
         let assessment = consistency::assess(&facts.facts);
@@ -196,14 +380,27 @@ impl Run {
         self.report.achieved = plan.target;
         self.report.indications = plan.indications.clone();
         self.report.degraded_because = plan.degraded_because.clone();
-        if plan.run_recipe {
-            return Err(EngineError::new(
-                EngineErrorKind::ConsistencyRefused,
-                "application-consistent backups are not wired into `backup` yet",
-            ));
-        }
+        let workflow = match (&job.recipe, plan.run_recipe) {
+            (Some(recipe), true) => Some(self.plan_workflow(recipe, plan.freeze)?),
+            _ => None,
+        };
 
-        // The parent snapshot and its bitmaps.
+        // How to start the VM again, and what a freeze would cover: asked before the capture
+        // holds the VM's monitor.
+        match vm.definition().await {
+            Ok(definition) => self.report.vm_definition = definition,
+            Err(error) => self.report.notes.push(format!(
+                "the VM's definition could not be recorded: {}",
+                error_chain(&error)
+            )),
+        }
+        let freeze_facts = if plan.freeze {
+            Some(self.freeze_facts(vm.as_ref()).await)
+        } else {
+            None
+        };
+
+        // The parent snapshot and its bitmaps; the disks the recipe's volume group selects.
         let parent = if job.force_full {
             None
         } else {
@@ -227,20 +424,47 @@ impl Run {
                 request = request.with_parent(&disk.id, bitmap, disk.size);
             }
         }
-        // How to start the VM again, and what a freeze would cover: asked before the capture
-        // holds the VM's monitor.
-        match vm.definition().await {
-            Ok(definition) => self.report.vm_definition = definition,
-            Err(error) => self.report.notes.push(format!(
-                "the VM's definition could not be recorded: {}",
-                error_chain(&error)
-            )),
+        if let Some(workflow) = &workflow {
+            let inventory = capture.inspect().await.map_err(platform)?;
+            let disks: Vec<stillpoint_recipe::DiskInfo> = inventory
+                .disks
+                .iter()
+                .map(|disk| stillpoint_recipe::DiskInfo {
+                    name: disk.id.clone(),
+                    labels: Default::default(),
+                })
+                .collect();
+            let selected: Vec<String> = workflow
+                .steps
+                .iter()
+                .find_map(|step| match step {
+                    PlannedStep::Capture(capture) => Some(capture),
+                    _ => None,
+                })
+                .map(|step| {
+                    step.select(&disks)
+                        .into_iter()
+                        .map(|d| d.name.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if selected.is_empty() {
+                return Err(EngineError::new(
+                    EngineErrorKind::Recipe,
+                    format!(
+                        "VM `{}`: the recipe's volume group selects none of its disks ({})",
+                        job.vm,
+                        inventory
+                            .disks
+                            .iter()
+                            .map(|d| d.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            request = request.only(selected);
         }
-        let freeze_facts = if plan.freeze {
-            Some(self.freeze_facts(vm.as_ref()).await)
-        } else {
-            None
-        };
         let prepared = self
             .log
             .run("prepare capture", capture.prepare(request))
@@ -274,13 +498,7 @@ impl Run {
                     self.report.coverage = outcome.ok();
                     if job.policy == OnQuiesceFailure::Fail {
                         abort(prepared).await;
-                        return Err(EngineError::new(
-                            EngineErrorKind::ConsistencyRefused,
-                            format!(
-                                "VM `{}`: {} consistency cannot be reached: {why}; nothing was backed up",
-                                job.vm, job.requested
-                            ),
-                        ));
+                        return Err(self.refuse(job, why));
                     }
                     self.degrade(Level::Crash, Indication::QuiesceFailed, why);
                     plan.freeze = false;
@@ -289,10 +507,31 @@ impl Run {
         }
 
         // The point in time: frozen only across the capture start.
-        let started = self
-            .start_capture(env, job, vm.as_ref(), prepared, plan.freeze)
-            .await?;
+        let started = match workflow {
+            Some(workflow) => {
+                self.start_with_recipe(env, job, vm.clone(), prepared, workflow, plan.freeze)
+                    .await?
+            }
+            None => {
+                self.start_plain(env, job, vm.as_ref(), prepared, plan.freeze)
+                    .await?
+            }
+        };
         self.copy_and_publish(env, job, parent, started).await
+    }
+
+    fn plan_workflow(&mut self, recipe: &RecipeInput, freeze: bool) -> Result<WorkflowPlan> {
+        let options = PlanOptions {
+            freeze,
+            ..PlanOptions::default()
+        };
+        stillpoint_recipe::plan_workflow(&recipe.recipe, "backup", &options).map_err(|error| {
+            EngineError::new(
+                EngineErrorKind::Recipe,
+                format!("recipe {} cannot be planned", recipe.path.display()),
+            )
+            .with_source(error)
+        })
     }
 
     async fn latest_snapshot(&mut self, env: &BackupEnv, vm: &dyn Vm) -> Result<Option<Manifest>> {
@@ -329,8 +568,103 @@ impl Run {
         Ok((filesystems, identities))
     }
 
-    /// Freeze (when planned) → capture start → thaw. The guest is frozen for exactly this.
-    async fn start_capture(
+    /// Records what an attempt did and hands back its started capture (or the error).
+    fn absorb(&mut self, attempt: &mut StartAttempt) -> Option<Result<Box<dyn StartedCapture>>> {
+        if let Some(span) = attempt.freeze {
+            let detail = attempt.freeze_error.as_ref().map(|e| error_chain(e));
+            self.log.record_span(
+                "freeze",
+                span.began,
+                span.ended,
+                if detail.is_none() { "ok" } else { "failed" },
+                detail,
+            );
+        }
+        if let Some(span) = attempt.start {
+            let detail = match &attempt.started {
+                Some(Err(error)) => Some(error_chain(error)),
+                _ => None,
+            };
+            self.log.record_span(
+                "capture start",
+                span.began,
+                span.ended,
+                if detail.is_none() { "ok" } else { "failed" },
+                detail,
+            );
+        }
+        if let Some(span) = attempt.thaw {
+            let detail = attempt.thaw_error.clone();
+            self.log.record_span(
+                "thaw",
+                span.began,
+                span.ended,
+                if detail.is_none() { "ok" } else { "failed" },
+                detail.clone(),
+            );
+            if let Some(detail) = detail {
+                self.report.notes.push(format!(
+                    "the thaw after the capture failed; the guardian thaws: {detail}"
+                ));
+            }
+        }
+        if let Some(window) = attempt.window.take() {
+            self.report.freeze = Some(window);
+        }
+        let started = attempt.started.take()?;
+        Some(match started {
+            Ok(started) => {
+                let start_report = started.start_report();
+                self.report.capture = Some(CaptureTiming {
+                    start_ms: attempt
+                        .start
+                        .map(|s| ms(s.ended - s.began))
+                        .unwrap_or_default(),
+                    paused_ms: ms(start_report.paused),
+                    recovered: started.plan().recovered.clone(),
+                });
+                Ok(started)
+            }
+            Err(error) => Err(platform(error)),
+        })
+    }
+
+    /// A freeze that failed: `fail` gives up (releasing the capture), `degrade` says why and
+    /// hands the capture back for a start without the freeze.
+    async fn freeze_failed(
+        &mut self,
+        job: &BackupJob,
+        attempt: &mut StartAttempt,
+    ) -> Result<Box<dyn PreparedCapture>> {
+        let error = attempt
+            .freeze_error
+            .take()
+            .expect("called after a failed freeze");
+        let prepared = attempt
+            .unstarted
+            .take()
+            .expect("a failed freeze gives the capture back");
+        let chain = error_chain(&error);
+        if job.policy == OnQuiesceFailure::Fail {
+            abort(prepared).await;
+            return Err(self
+                .refuse(job, format!("the freeze failed: {chain}"))
+                .with_source(error));
+        }
+        let indication = if chain.contains("did not complete within") {
+            Indication::QuiesceTimeout
+        } else {
+            Indication::QuiesceFailed
+        };
+        self.degrade(
+            Level::Crash,
+            indication,
+            format!("the freeze failed: {chain}"),
+        );
+        Ok(prepared)
+    }
+
+    async fn start_plain(
         &mut self,
         env: &BackupEnv,
         job: &BackupJob,
@@ -338,88 +672,135 @@ impl Run {
         prepared: Box<dyn PreparedCapture>,
         freeze: bool,
     ) -> Result<Box<dyn StartedCapture>> {
-        let frozen = if freeze {
-            let agent = vm.agent().expect("a planned freeze has an agent");
-            match self
-                .log
-                .run(
-                    "freeze",
-                    GuardedFreeze::freeze(
-                        vm,
-                        agent,
-                        &env.guard,
-                        env.freeze_timeout,
-                        env.hold_limit,
-                    ),
-                )
-                .await
-            {
-                Ok(frozen) => Some(frozen),
-                Err(error) => {
-                    let timed_out = error_chain(&error).contains("did not complete within");
-                    let indication = if timed_out {
-                        Indication::QuiesceTimeout
-                    } else {
-                        Indication::QuiesceFailed
-                    };
-                    if job.policy == OnQuiesceFailure::Fail {
-                        abort(prepared).await;
-                        return Err(EngineError::new(
-                            EngineErrorKind::ConsistencyRefused,
-                            format!("VM `{}`: the freeze failed and --on-quiesce-failure is fail; nothing was backed up", job.vm),
-                        )
-                        .with_source(error));
-                    }
-                    self.degrade(
-                        Level::Crash,
-                        indication,
-                        format!("the freeze failed: {}", error_chain(&error)),
-                    );
-                    None
-                }
-            }
-        } else {
+        if !freeze {
             self.log.skipped("freeze", "not planned for this level");
-            None
-        };
+        }
+        let mut attempt = freeze_and_start(env, vm, prepared, freeze).await;
+        self.absorb_started(job, env, vm, &mut attempt).await
+    }
 
-        let start_began = Instant::now();
-        let started = prepared.start().await;
-        let start_took = start_began.elapsed();
-        match &started {
-            Ok(_) => self.log.record("capture start", start_began, "ok", None),
-            Err(error) => self.log.record(
-                "capture start",
-                start_began,
-                "failed",
-                Some(error_chain(error)),
-            ),
+    /// Absorbs an attempt; after a failed freeze, applies the policy (and on `degrade` starts
+    /// again without freezing).
+    async fn absorb_started(
+        &mut self,
+        job: &BackupJob,
+        env: &BackupEnv,
+        vm: &dyn Vm,
+        attempt: &mut StartAttempt,
+    ) -> Result<Box<dyn StartedCapture>> {
+        if let Some(started) = self.absorb(attempt) {
+            return started;
         }
-        // Thaw at once, on every path.
-        if let Some(frozen) = frozen {
-            let thaw_began = Instant::now();
-            let (window, thawed) = frozen.thaw().await;
-            self.log.record(
-                "thaw",
-                thaw_began,
-                if thawed.is_ok() { "ok" } else { "failed" },
-                thawed.as_ref().err().map(|e| error_chain(e)),
-            );
-            self.report.freeze = Some(window);
-            if let Err(error) = thawed {
-                self.report.notes.push(format!(
-                    "the thaw after the capture failed; the guardian thaws: {}",
-                    error_chain(&error)
-                ));
-            }
-        }
-        let started = started.map_err(platform)?;
-        let start_report = started.start_report();
-        self.report.capture = Some(CaptureTiming {
-            start_ms: ms(start_took),
-            paused_ms: ms(start_report.paused),
-            recovered: started.plan().recovered.clone(),
+        let prepared = self.freeze_failed(job, attempt).await?;
+        let mut again = freeze_and_start(env, vm, prepared, false).await;
+        self.absorb(&mut again)
+            .expect("a start without a freeze always starts")
+    }
+
+    /// The application level: the recipe's workflow runs its steps around the capture step,
+    /// which freezes, starts the capture and thaws.
+    async fn start_with_recipe(
+        &mut self,
+        env: &BackupEnv,
+        job: &BackupJob,
+        vm: Arc<dyn Vm>,
+        prepared: Box<dyn PreparedCapture>,
+        workflow: WorkflowPlan,
+        freeze: bool,
+    ) -> Result<Box<dyn StartedCapture>> {
+        let hook = Arc::new(RecipeCapture {
+            env: env.clone(),
+            vm: vm.clone(),
+            prepared: Mutex::new(Some(prepared)),
+            attempt: Mutex::new(None),
         });
+        let disks: Vec<stillpoint_recipe::DiskInfo> = hook
+            .prepared
+            .lock()
+            .await
+            .as_ref()
+            .map(|p| {
+                p.plan()
+                    .disks
+                    .iter()
+                    .map(|d| stillpoint_recipe::DiskInfo {
+                        name: d.disk.id.clone(),
+                        labels: Default::default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let began = Instant::now();
+        let hook_for_runner: Arc<dyn CaptureHook> = hook.clone();
+        let workflow_report = {
+            let runner = QemuStepRunner::new(vm.clone(), disks, hook_for_runner);
+            Executor::new(&runner, ExecOptions::default())
+                .run(&workflow)
+                .await
+        };
+        self.log.record(
+            "recipe workflow",
+            began,
+            if workflow_report.succeeded {
+                "ok"
+            } else {
+                "failed"
+            },
+            workflow_report
+                .stopped_at
+                .as_ref()
+                .map(|step| format!("stopped at {step}")),
+        );
+        self.report.recipe = serde_json::to_value(&workflow_report).ok();
+        let hook = Arc::try_unwrap(hook).ok().expect("the runner is gone");
+        let attempt = hook.attempt.into_inner();
+        let unused = hook.prepared.into_inner();
+
+        let mut attempt = match attempt {
+            Some(attempt) => attempt,
+            None => {
+                // The workflow stopped before its capture step (its inverse ops have run).
+                let prepared = unused.expect("no capture ran, so the capture is unused");
+                let why = format!(
+                    "the recipe's steps before the capture failed ({})",
+                    workflow_report
+                        .stopped_at
+                        .as_deref()
+                        .unwrap_or("workflow stopped")
+                );
+                if job.policy == OnQuiesceFailure::Fail {
+                    abort(prepared).await;
+                    return Err(self.refuse(job, why));
+                }
+                self.degrade(Level::Filesystem, Indication::ApplicationStepFailed, why);
+                return self
+                    .start_plain(env, job, vm.as_ref(), prepared, freeze)
+                    .await;
+            }
+        };
+        if attempt.freeze_error.is_some() {
+            attempt.unstarted = unused;
+        }
+        let started = self
+            .absorb_started(job, env, vm.as_ref(), &mut attempt)
+            .await?;
+        if !workflow_report.application_steps_ok && self.report.achieved >= Level::Application {
+            let why = format!(
+                "not every recipe step before the capture succeeded{}",
+                workflow_report
+                    .stopped_at
+                    .as_ref()
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default()
+            );
+            if job.policy == OnQuiesceFailure::Fail {
+                if let Err(error) = started.finish(false).await {
+                    tracing::warn!("releasing the capture failed: {}", error_chain(&error));
+                }
+                return Err(self.refuse(job, why));
+            }
+            self.degrade(Level::Filesystem, Indication::ApplicationStepFailed, why);
+        }
         Ok(started)
     }
 

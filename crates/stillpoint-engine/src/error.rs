@@ -23,6 +23,8 @@ pub enum EngineErrorKind {
     ConsistencyRefused,
     /// The repository failed (open, write, publish).
     Repository,
+    /// A recipe cannot be used (planning failed, its volume group selects no disk).
+    Recipe,
     /// A recipe command in the guest could not be started, watched or ended (guest-exec).
     GuestCommand,
     /// A recipe command on the host could not be started, watched or ended.

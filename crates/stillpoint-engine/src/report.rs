@@ -127,10 +127,22 @@ impl StepLog {
 
     /// Records a step that ran between `started` and now.
     pub fn record(&mut self, name: &str, started: Instant, outcome: &str, detail: Option<String>) {
+        self.record_span(name, started, Instant::now(), outcome, detail);
+    }
+
+    /// Records a step that ran between `started` and `ended`.
+    pub fn record_span(
+        &mut self,
+        name: &str,
+        started: Instant,
+        ended: Instant,
+        outcome: &str,
+        detail: Option<String>,
+    ) {
         self.steps.push(StepRecord {
             name: name.to_string(),
             started_ms: ms(started.saturating_duration_since(self.began)),
-            duration_ms: ms(started.elapsed()),
+            duration_ms: ms(ended.saturating_duration_since(started)),
             outcome: outcome.to_string(),
             detail,
         });

@@ -30,7 +30,7 @@ pub struct BackupArgs {
     #[arg(required = true, value_name = "VM")]
     pub vms: Vec<String>,
     /// Consistency to reach: crash, filesystem or application (default: [backup] consistency
-    /// in stillpoint.toml, else filesystem; application needs --recipe).
+    /// in stillpoint.toml, else application with --recipe, else filesystem).
     #[arg(long, value_name = "LEVEL")]
     pub consistency: Option<Level>,
     /// The recipe (Recipe CR YAML) that quiesces the application.
@@ -65,7 +65,12 @@ pub async fn run(ctx: &Context, args: BackupArgs) -> anyhow::Result<ExitCode> {
             .map(str::parse)
             .transpose()
             .map_err(anyhow::Error::msg)?
-            .unwrap_or(Level::Filesystem),
+            // A recipe given without a level asks for what only a recipe can give.
+            .unwrap_or(if args.recipe.is_some() {
+                Level::Application
+            } else {
+                Level::Filesystem
+            }),
     };
     let policy = match args.on_quiesce_failure {
         Some(policy) => policy,
@@ -78,7 +83,7 @@ pub async fn run(ctx: &Context, args: BackupArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default(),
     };
     let recipe = match &args.recipe {
-        Some(path) => Some(crate::commands::check::recipe_facts(path)?),
+        Some(path) => Some(Arc::new(crate::commands::check::load_recipe(path)?)),
         None => None,
     };
     let parallel = args.parallel.or(defaults.parallel).unwrap_or(2).max(1);

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Args;
+use stillpoint_engine::backup::RecipeInput;
 use stillpoint_engine::consistency::{self, AgentFacts, Assessment, RecipeFacts};
 use stillpoint_engine::preflight::{self, PreflightReport};
-use stillpoint_recipe::model::{HookType, Target};
 
 use crate::context::Context;
 use crate::output::{self, EXIT_OK};
@@ -52,23 +52,22 @@ pub async fn run(ctx: &Context, args: CheckArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(EXIT_OK))
 }
 
-/// What the consistency decision needs to know about a recipe.
-pub fn recipe_facts(path: &std::path::Path) -> anyhow::Result<RecipeFacts> {
+/// Loads and validates a recipe (every problem at once, with file:line:column).
+pub fn load_recipe(path: &std::path::Path) -> anyhow::Result<RecipeInput> {
     let valid = stillpoint_recipe::load_recipe(path, &Default::default())
         .with_context(|| format!("recipe {} is not usable", path.display()))?;
-    let recipe = valid.recipe;
-    let needs_guest_exec = recipe.hooks.iter().any(|hook| {
-        hook.target.value == Target::Guest
-            && matches!(hook.hook_type.value, HookType::Exec | HookType::Check)
-    });
-    let name = recipe
-        .name
-        .clone()
-        .unwrap_or_else(|| path.display().to_string());
-    Ok(RecipeFacts {
-        name,
-        needs_guest_exec,
+    for warning in &valid.warnings {
+        tracing::warn!("{}", warning.render(&path.display().to_string()));
+    }
+    Ok(RecipeInput {
+        path: path.to_path_buf(),
+        recipe: valid.recipe,
     })
+}
+
+/// What the consistency decision needs to know about a recipe.
+pub fn recipe_facts(path: &std::path::Path) -> anyhow::Result<RecipeFacts> {
+    Ok(load_recipe(path)?.facts())
 }
 
 fn yes_no(value: bool) -> &'static str {
