@@ -7,6 +7,8 @@
 mod commands;
 mod config;
 mod context;
+#[cfg(feature = "failpoints")]
+mod failpoints;
 mod output;
 mod password;
 
@@ -83,6 +85,8 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    #[cfg(feature = "failpoints")]
+    let _failpoints = failpoints::setup(&runtime);
     let json = cli.global.json;
     let result = runtime.block_on(async move {
         let ctx = Context::new(cli.global)?;

@@ -42,6 +42,7 @@ use crate::capture_source::CapturedDiskSource;
 use crate::consistency::{self, Indication, Level, OnQuiesceFailure, RecipeFacts};
 use crate::coverage;
 use crate::error::{EngineError, EngineErrorKind, Result};
+use crate::failpoints;
 use crate::freeze::{FreezeWindow, GuardContext, GuardedFreeze};
 use crate::preflight::{self, error_chain};
 use crate::recipe_runner::{CaptureHook, QemuStepRunner};
@@ -231,6 +232,9 @@ async fn freeze_and_start(
     } else {
         None
     };
+    if frozen.is_some() {
+        failpoints::delay(failpoints::AFTER_FREEZE);
+    }
     let began = Instant::now();
     attempt.started = Some(prepared.start().await);
     attempt.start = Some(Span::since(began));
@@ -969,6 +973,7 @@ async fn copy_disk(
     session: &mut stillpoint_repo::BackupSession,
     disk: Arc<dyn CapturedDisk>,
 ) -> Result<stillpoint_repo::DiskStats> {
+    failpoints::check(failpoints::DURING_COPY)?;
     let id = disk.id().to_string();
     let source = CapturedDiskSource::new(disk.clone(), tokio::runtime::Handle::current())
         .await

@@ -31,6 +31,8 @@ pub enum EngineErrorKind {
     HostCommand,
     /// The capture step of a recipe failed (disk selection, freeze, capture start).
     Capture,
+    /// A fault injected by a test at a named failpoint (`failpoints` feature builds only).
+    Injected,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,7 @@ pub mod capture_source;
 pub mod consistency;
 pub mod coverage;
 pub mod error;
+pub mod failpoints;
 pub mod freeze;
 pub mod guardian;
 pub mod preflight;
