@@ -43,6 +43,7 @@
 //! [`QemuCapture`] are serialised by a lock that a dropped capture holds until its background
 //! release is done.
 
+pub mod bitmaps;
 pub mod cleanup;
 pub mod names;
 pub mod session;

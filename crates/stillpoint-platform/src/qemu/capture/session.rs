@@ -1,7 +1,6 @@
 //! The prepared and started states of one QEMU capture: `start`, `export`, `finish`, and the
 //! background release when one of them is dropped.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::json;
 use stillpoint_nbd::NbdClient;
-use stillpoint_qmp::{Action, BitmapRef, NbdExport, Qmp};
+use stillpoint_qmp::{BitmapRef, NbdExport, Qmp};
 use tokio::sync::OwnedMutexGuard;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -20,6 +19,7 @@ use crate::capture::{
     StartedCapture,
 };
 use crate::error::{PlatformError, PlatformErrorKind, Result};
+use crate::qemu::capture::bitmaps::{Settle, rotation, settlement};
 use crate::qemu::capture::cleanup::{Scope, plan_cleanup, run_cleanup};
 use crate::qemu::capture::names;
 use crate::qemu::capture::state::BlockState;
@@ -48,15 +48,6 @@ impl Ctx {
         self.error(PlatformErrorKind::Capture, what)
             .with_source(error)
     }
-}
-
-/// How the bitmaps are left when a capture is released.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Settle {
-    /// The capture never reached its instant: no bitmap was changed.
-    Untouched,
-    Success,
-    Failure,
 }
 
 /// Everything of a capture from `prepare` on.
@@ -130,38 +121,7 @@ impl Session {
             ));
         }
 
-        let mut actions = Vec::new();
-        let mut bitmaps = BTreeMap::new();
-        for disk in &self.plan.disks {
-            let node = &disk.disk.node;
-            let new = &disk.new_bitmap;
-            let tracking = match (&disk.mode, settle) {
-                (CaptureMode::Incremental { parent_bitmap }, Settle::Untouched) => {
-                    Some(parent_bitmap.clone())
-                }
-                (CaptureMode::Full { .. }, Settle::Untouched) => None,
-                (CaptureMode::Incremental { parent_bitmap }, Settle::Success) => {
-                    actions.push(Action::bitmap_remove(node, parent_bitmap));
-                    Some(new.clone())
-                }
-                (CaptureMode::Full { .. }, Settle::Success) => Some(new.clone()),
-                (CaptureMode::Incremental { parent_bitmap }, Settle::Failure) => {
-                    actions.push(Action::bitmap_merge(
-                        node,
-                        parent_bitmap,
-                        vec![BitmapRef::Local(new.clone())],
-                    ));
-                    actions.push(Action::bitmap_enable(node, parent_bitmap));
-                    actions.push(Action::bitmap_remove(node, new));
-                    Some(parent_bitmap.clone())
-                }
-                (CaptureMode::Full { .. }, Settle::Failure) => {
-                    actions.push(Action::bitmap_remove(node, new));
-                    None
-                }
-            };
-            bitmaps.insert(disk.disk.id.clone(), tracking);
-        }
+        let (actions, bitmaps) = settlement(&self.plan.disks, settle);
         if !actions.is_empty() {
             ctx.qmp.transaction(actions).await.map_err(|error| {
                 ctx.qmp_error(
@@ -346,18 +306,7 @@ impl Starting {
         // One transaction for all disks: the new bitmaps start recording and the parents stop,
         // at the same instant. It comes before the filters are attached: a write between the
         // two is then in the new bitmap (reference §1, the ordering trap).
-        let mut actions = Vec::new();
-        for disk in &session.plan.disks {
-            let persistent = disk.disk.format == "qcow2";
-            actions.push(Action::bitmap_add(
-                &disk.disk.node,
-                &disk.new_bitmap,
-                persistent,
-            ));
-            if let CaptureMode::Incremental { parent_bitmap } = &disk.mode {
-                actions.push(Action::bitmap_disable(&disk.disk.node, parent_bitmap));
-            }
-        }
+        let actions = rotation(&session.plan.disks);
         qmp.transaction(actions).await.map_err(|e| {
             ctx.qmp_error(
                 "the capture transaction (dirty bitmap rotation) failed; no bitmap changed",

@@ -1,0 +1,210 @@
+//! The dirty-bitmap transactions of a capture, as pure functions of its plan (see the
+//! rotation table in `crate::capture` and docs/capture.md).
+
+use std::collections::BTreeMap;
+
+use stillpoint_qmp::{Action, BitmapRef};
+
+use crate::capture::{CaptureMode, FullReason, PlannedDisk};
+
+/// How the bitmaps are left when a capture is released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// The capture never reached its instant: no bitmap was changed.
+    Untouched,
+    Success,
+    Failure,
+}
+
+/// The `start` transaction: per disk, the new bitmap starts recording (persistent on qcow2,
+/// the only format that keeps bitmaps) and the parent of an incremental stops — at the same
+/// instant for every disk.
+pub fn rotation(disks: &[PlannedDisk]) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for disk in disks {
+        let node = &disk.disk.node;
+        actions.push(Action::bitmap_add(
+            node,
+            &disk.new_bitmap,
+            disk.disk.format == "qcow2",
+        ));
+        if let CaptureMode::Incremental { parent_bitmap } = &disk.mode {
+            actions.push(Action::bitmap_disable(node, parent_bitmap));
+        }
+    }
+    actions
+}
+
+/// The release transaction and, per disk id, the bitmap that afterwards records every change
+/// since the last successful capture's instant (`None`: there is none, the next is full).
+pub fn settlement(
+    disks: &[PlannedDisk],
+    settle: Settle,
+) -> (Vec<Action>, BTreeMap<String, Option<String>>) {
+    let mut actions = Vec::new();
+    let mut tracking = BTreeMap::new();
+    for disk in disks {
+        let node = &disk.disk.node;
+        let new = &disk.new_bitmap;
+        let bitmap = match (&disk.mode, settle) {
+            (CaptureMode::Incremental { parent_bitmap }, Settle::Untouched) => {
+                Some(parent_bitmap.clone())
+            }
+            (CaptureMode::Full { .. }, Settle::Untouched) => None,
+            (CaptureMode::Incremental { parent_bitmap }, Settle::Success) => {
+                actions.push(Action::bitmap_remove(node, parent_bitmap));
+                Some(new.clone())
+            }
+            (CaptureMode::Full { reason }, Settle::Success) => {
+                // A parent that exists but could not serve this disk any more (resized, not
+                // persistent) is superseded by the new bitmap; others' bitmaps (busy, not
+                // recording) are left alone.
+                if let FullReason::DiskResized { bitmap, .. }
+                | FullReason::BitmapNotPersistent { bitmap } = reason
+                {
+                    actions.push(Action::bitmap_remove(node, bitmap));
+                }
+                Some(new.clone())
+            }
+            (CaptureMode::Incremental { parent_bitmap }, Settle::Failure) => {
+                // Into the parent, not the other way round: the name the last manifest
+                // recorded stays valid and now covers both periods.
+                actions.push(Action::bitmap_merge(
+                    node,
+                    parent_bitmap,
+                    vec![BitmapRef::Local(new.clone())],
+                ));
+                actions.push(Action::bitmap_enable(node, parent_bitmap));
+                actions.push(Action::bitmap_remove(node, new));
+                Some(parent_bitmap.clone())
+            }
+            (CaptureMode::Full { .. }, Settle::Failure) => {
+                actions.push(Action::bitmap_remove(node, new));
+                None
+            }
+        };
+        tracking.insert(disk.disk.id.clone(), bitmap);
+    }
+    (actions, tracking)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::capture::DiskInfo;
+
+    fn planned(id: &str, node: &str, mode: CaptureMode) -> PlannedDisk {
+        PlannedDisk {
+            disk: DiskInfo {
+                id: id.into(),
+                node: node.into(),
+                device: format!("/machine/peripheral/{id}/virtio-backend"),
+                virtual_size: 64 << 20,
+                image: format!("/vm/{node}.qcow2"),
+                format: "qcow2".into(),
+                bitmaps: vec![],
+            },
+            mode,
+            new_bitmap: "N".into(),
+            removed_bitmaps: vec![],
+            scratch: "/scratch/x.qcow2".into(),
+        }
+    }
+
+    fn incremental() -> CaptureMode {
+        CaptureMode::Incremental {
+            parent_bitmap: "P".into(),
+        }
+    }
+
+    fn full(reason: FullReason) -> CaptureMode {
+        CaptureMode::Full { reason }
+    }
+
+    fn wire(actions: &[Action]) -> Value {
+        serde_json::to_value(actions).unwrap()
+    }
+
+    #[test]
+    fn the_start_transaction_adds_every_new_bitmap_and_stops_every_parent() {
+        let mut raw = planned("vd1", "disk1", full(FullReason::NoParent));
+        raw.disk.format = "raw".into();
+        let disks = [planned("vd0", "disk0", incremental()), raw];
+        assert_eq!(
+            wire(&rotation(&disks)),
+            json!([
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": "disk0", "name": "N", "persistent": true}},
+                {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "P"}},
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": "disk1", "name": "N", "persistent": false}},
+            ])
+        );
+    }
+
+    #[test]
+    fn success_keeps_the_new_bitmap_failure_folds_it_back_into_the_parent() {
+        let disks = [
+            planned("vd0", "disk0", incremental()),
+            planned("vd1", "disk1", full(FullReason::NoParent)),
+        ];
+        let (actions, tracking) = settlement(&disks, Settle::Success);
+        assert_eq!(
+            wire(&actions),
+            json!([{"type": "block-dirty-bitmap-remove", "data": {"node": "disk0", "name": "P"}}])
+        );
+        assert_eq!(tracking["vd0"].as_deref(), Some("N"));
+        assert_eq!(tracking["vd1"].as_deref(), Some("N"));
+
+        let (actions, tracking) = settlement(&disks, Settle::Failure);
+        assert_eq!(
+            wire(&actions),
+            json!([
+                {"type": "block-dirty-bitmap-merge",
+                 "data": {"node": "disk0", "target": "P", "bitmaps": ["N"]}},
+                {"type": "block-dirty-bitmap-enable", "data": {"node": "disk0", "name": "P"}},
+                {"type": "block-dirty-bitmap-remove", "data": {"node": "disk0", "name": "N"}},
+                {"type": "block-dirty-bitmap-remove", "data": {"node": "disk1", "name": "N"}},
+            ])
+        );
+        assert_eq!(tracking["vd0"].as_deref(), Some("P"));
+        assert_eq!(tracking["vd1"], None);
+
+        let (actions, tracking) = settlement(&disks, Settle::Untouched);
+        assert!(actions.is_empty());
+        assert_eq!(tracking["vd0"].as_deref(), Some("P"));
+    }
+
+    #[test]
+    fn a_superseded_parent_goes_on_success_a_foreign_use_is_left_alone() {
+        let resized = planned(
+            "vd0",
+            "disk0",
+            full(FullReason::DiskResized {
+                bitmap: "P".into(),
+                was: 1,
+                now: 2,
+            }),
+        );
+        let busy = planned(
+            "vd1",
+            "disk1",
+            full(FullReason::BitmapBusy { bitmap: "Q".into() }),
+        );
+        let (actions, _) = settlement(&[resized.clone(), busy.clone()], Settle::Success);
+        assert_eq!(
+            wire(&actions),
+            json!([{"type": "block-dirty-bitmap-remove", "data": {"node": "disk0", "name": "P"}}])
+        );
+        let (actions, _) = settlement(&[resized, busy], Settle::Failure);
+        assert_eq!(
+            wire(&actions),
+            json!([
+                {"type": "block-dirty-bitmap-remove", "data": {"node": "disk0", "name": "N"}},
+                {"type": "block-dirty-bitmap-remove", "data": {"node": "disk1", "name": "N"}},
+            ])
+        );
+    }
+}
