@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use stillpoint_platform::capture::{
     CaptureMode, CaptureRequest, CapturedDisk, PreparedCapture, StartedCapture,
 };
-use stillpoint_platform::{DiskIdentity, Platforms, Vm};
+use stillpoint_platform::{DiskIdentity, Platforms, RunState, Vm};
 use stillpoint_qga::FsInfo;
 use stillpoint_recipe::model::{HookType, Recipe, Target};
 use stillpoint_recipe::{
@@ -43,7 +43,7 @@ use crate::consistency::{self, Indication, Level, OnQuiesceFailure, RecipeFacts}
 use crate::coverage;
 use crate::error::{EngineError, EngineErrorKind, Result};
 use crate::failpoints;
-use crate::freeze::{FreezeWindow, GuardContext, GuardedFreeze};
+use crate::freeze::{FreezeWindow, GuardContext, GuardedFreeze, PauseGuard};
 use crate::preflight::{self, error_chain};
 use crate::recipe_runner::{CaptureHook, QemuStepRunner};
 use crate::report::{BackupReport, CaptureTiming, DiskReport, ParentTracking, StepLog, ms};
@@ -194,6 +194,7 @@ async fn freeze_and_start(
     vm: &dyn Vm,
     prepared: Box<dyn PreparedCapture>,
     freeze: bool,
+    running: bool,
 ) -> StartAttempt {
     let mut attempt = StartAttempt {
         unstarted: None,
@@ -235,9 +236,25 @@ async fn freeze_and_start(
     if frozen.is_some() {
         failpoints::delay(failpoints::AFTER_FREEZE);
     }
+    // Without a freeze, the capture start still pauses a running VM's vCPUs for a few ms: a
+    // guardian resumes the VM if this process dies in between (invariant 8).
+    let pause_guard = if frozen.is_none() && running {
+        match PauseGuard::start(vm, &env.guard, env.hold_limit).await {
+            Ok(guard) => Some(guard),
+            Err(error) => {
+                tracing::warn!("no guardian for the capture start: {}", error_chain(&error));
+                None
+            }
+        }
+    } else {
+        None
+    };
     let began = Instant::now();
     attempt.started = Some(prepared.start().await);
     attempt.start = Some(Span::since(began));
+    if let Some(guard) = pause_guard {
+        guard.release();
+    }
     if let Some(frozen) = frozen {
         let began = Instant::now();
         let (window, thawed) = frozen.thaw().await;
@@ -251,6 +268,8 @@ async fn freeze_and_start(
 /// The recipe's capture step: the same freeze → start → thaw, on the prepared capture.
 struct RecipeCapture {
     env: BackupEnv,
+    /// The VM ran at the preflight (so the capture start pauses and resumes it).
+    running: bool,
     vm: Arc<dyn Vm>,
     prepared: Mutex<Option<Box<dyn PreparedCapture>>>,
     attempt: Mutex<Option<StartAttempt>>,
@@ -265,7 +284,8 @@ impl CaptureHook for RecipeCapture {
                 "the recipe asks for a second capture; a backup takes one",
             )
         })?;
-        let mut attempt = freeze_and_start(&self.env, self.vm.as_ref(), prepared, freeze).await;
+        let mut attempt =
+            freeze_and_start(&self.env, self.vm.as_ref(), prepared, freeze, self.running).await;
         let outcome = if let Some(error) = &attempt.freeze_error {
             *self.prepared.lock().await = attempt.unstarted.take();
             Err(EngineError::new(
@@ -304,12 +324,15 @@ impl CaptureHook for RecipeCapture {
 struct Run {
     log: StepLog,
     report: BackupReport,
+    /// The VM ran at the preflight.
+    running: bool,
 }
 
 impl Run {
     fn new(job: &BackupJob) -> Self {
         Self {
             log: StepLog::default(),
+            running: false,
             report: BackupReport {
                 vm: job.vm.clone(),
                 platform: String::new(),
@@ -371,6 +394,7 @@ impl Run {
             .run("preflight", preflight::gather(vm.as_ref(), recipe_facts))
             .await
             .map_err(platform)?;
+        self.running = facts.facts.run_state == RunState::Running;
         let assessment = consistency::assess(&facts.facts);
         self.report.notes.extend(assessment.notes.iter().cloned());
         let mut plan = consistency::plan_quiesce(job.requested, &assessment, job.policy).map_err(
@@ -679,7 +703,7 @@ impl Run {
         if !freeze {
             self.log.skipped("freeze", "not planned for this level");
         }
-        let mut attempt = freeze_and_start(env, vm, prepared, freeze).await;
+        let mut attempt = freeze_and_start(env, vm, prepared, freeze, self.running).await;
         self.absorb_started(job, env, vm, &mut attempt).await
     }
 
@@ -696,7 +720,7 @@ impl Run {
             return started;
         }
         let prepared = self.freeze_failed(job, attempt).await?;
-        let mut again = freeze_and_start(env, vm, prepared, false).await;
+        let mut again = freeze_and_start(env, vm, prepared, false, self.running).await;
         self.absorb(&mut again)
             .expect("a start without a freeze always starts")
     }
@@ -714,6 +738,7 @@ impl Run {
     ) -> Result<Box<dyn StartedCapture>> {
         let hook = Arc::new(RecipeCapture {
             env: env.clone(),
+            running: self.running,
             vm: vm.clone(),
             prepared: Mutex::new(Some(prepared)),
             attempt: Mutex::new(None),

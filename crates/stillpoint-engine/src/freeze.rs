@@ -160,6 +160,8 @@ async fn freeze_with_lease(
             .map(|t| guardian::now_ms() + (freeze_timeout + t).as_millis() as u64),
         thaw_now: false,
         guardian_pid: None,
+        thaw: true,
+        resume_if_paused: false,
     };
     guardian::write_lease(&lease_path, &lease)?;
     if unfreeze_timeout.is_some() {
@@ -287,14 +289,30 @@ fn release_lease(lease_path: &std::path::Path) {
     }
 }
 
-/// One guardian attempt to thaw a VM: `Thawed` only when the agent then reports `thawed`.
-pub async fn thaw_attempt(vm: &dyn Vm) -> ThawAttempt {
+/// One guardian attempt to put a VM back as it was: resume it if the lease says the holder
+/// may have paused it, then thaw it if the lease guards a freeze. `Thawed` only when the agent
+/// then reports `thawed`.
+pub async fn thaw_attempt(vm: &dyn Vm, lease: &Lease) -> ThawAttempt {
     let status = match vm.status().await {
         Ok(status) => status,
         Err(error) => return ThawAttempt::Retry(error_chain(&error)),
     };
     if status.state == RunState::NotRunning {
         return ThawAttempt::NotFrozen(format!("the VM is not running ({})", status.detail));
+    }
+    let mut resumed = false;
+    if lease.resume_if_paused && status.state == RunState::Paused {
+        match vm.resume_if_paused().await {
+            Ok(did) => resumed = did,
+            Err(error) => return ThawAttempt::Retry(error_chain(&error)),
+        }
+    }
+    if !lease.thaw {
+        return ThawAttempt::NotFrozen(if resumed {
+            "nothing was frozen; the VM was resumed".into()
+        } else {
+            "nothing was frozen or paused".into()
+        });
     }
     let Some(agent) = vm.agent() else {
         return ThawAttempt::NotFrozen("the VM has no guest agent channel".into());
@@ -322,6 +340,27 @@ pub async fn thaw_attempt(vm: &dyn Vm) -> ThawAttempt {
     .await;
     agent.release().await;
     attempt
+}
+
+/// The guardian process's work: watch `lease` (already read from `lease_file`) and, when its
+/// time has come, stop a holder that outlived its deadline and put `vm` back as it was.
+pub async fn guard(
+    lease_file: &std::path::Path,
+    lease: &Lease,
+    vm: &dyn Vm,
+) -> Result<guardian::GuardianOutcome> {
+    guardian::watch(
+        lease_file,
+        || thaw_attempt(vm, lease),
+        |holder| {
+            tracing::warn!("stopping the holder {holder}: it outlived its deadline");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(holder as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        },
+    )
+    .await
 }
 
 /// A backup's freeze, held only across the capture start. Its guardian watches this
@@ -374,6 +413,9 @@ impl GuardedFreeze {
             ),
             thaw_now: false,
             guardian_pid: None,
+            thaw: true,
+            // The capture start pauses the vCPUs while the guest is frozen.
+            resume_if_paused: true,
         };
         guardian::write_lease(&lease_path, &lease)?;
         match guard.guardian.spawn(&lease_path).await {
@@ -437,6 +479,53 @@ impl GuardedFreeze {
                 )
             }
         }
+    }
+}
+
+/// Covers a capture start without a freeze (crash level): the start pauses the vCPUs for a
+/// few ms, and a guardian resumes the VM if this process dies in between.
+pub struct PauseGuard {
+    lease_path: PathBuf,
+    token: String,
+}
+
+impl PauseGuard {
+    /// Starts a guardian that resumes the VM if this process dies or outlives `hold_limit`.
+    pub async fn start(vm: &dyn Vm, guard: &GuardContext, hold_limit: Duration) -> Result<Self> {
+        let reference = vm.reference().to_string();
+        let lease_path = guardian::lease_path(&guard.runtime_root, &reference);
+        let mut lease = Lease {
+            vm: reference,
+            config: guard.config.clone(),
+            runtime_root: guard.runtime_root.clone(),
+            token: guardian::new_token(),
+            holder_pid: std::process::id(),
+            watch_holder: true,
+            frozen_at_ms: guardian::now_ms(),
+            deadline_ms: Some(guardian::now_ms() + hold_limit.as_millis() as u64),
+            thaw_now: false,
+            guardian_pid: None,
+            thaw: false,
+            resume_if_paused: true,
+        };
+        guardian::write_lease(&lease_path, &lease)?;
+        match guard.guardian.spawn(&lease_path).await {
+            Ok(pid) => lease.guardian_pid = Some(pid),
+            Err(error) => {
+                let _ = guardian::remove_lease(&lease_path, &lease.token);
+                return Err(error);
+            }
+        }
+        guardian::write_lease(&lease_path, &lease)?;
+        Ok(Self {
+            lease_path,
+            token: lease.token,
+        })
+    }
+
+    /// The capture start is over: the guardian can go.
+    pub fn release(self) {
+        let _ = guardian::remove_lease(&self.lease_path, &self.token);
     }
 }
 

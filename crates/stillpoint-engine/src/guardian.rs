@@ -13,6 +13,9 @@
 //! | deadline passed                               | stops a still-living holder, then thaws    |
 //! | otherwise                                     | waits                                      |
 //!
+//! A lease may also (or only) guard a pause: the capture start pauses the vCPUs for a few ms;
+//! a guardian whose lease says `resume_if_paused` resumes a VM it finds paused first.
+//!
 //! Thawing retries until the agent answers (the agent's channel takes one client at a time, and
 //! a freeze stuck in a guest hook keeps the agent busy until the hook returns), then verifies
 //! the guest reports `thawed`, removes the lease and exits. The decision is the pure function
@@ -57,6 +60,17 @@ pub struct Lease {
     pub thaw_now: bool,
     /// The guardian watching this lease, once it runs.
     pub guardian_pid: Option<u32>,
+    /// The guest may be frozen: thaw it (`false` for a lease that only guards a pause).
+    #[serde(default = "yes")]
+    pub thaw: bool,
+    /// The holder may pause the VM's vCPUs (the capture start does, for a few ms): resume a
+    /// VM found paused before thawing (a paused guest cannot answer its agent).
+    #[serde(default)]
+    pub resume_if_paused: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What the guardian should do now.
@@ -374,6 +388,8 @@ mod tests {
             deadline_ms: Some(301_000),
             thaw_now: false,
             guardian_pid: None,
+            thaw: true,
+            resume_if_paused: false,
         }
     }
 

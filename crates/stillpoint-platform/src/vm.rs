@@ -138,6 +138,10 @@ pub trait Vm: Send + Sync {
     fn capture(&self) -> Option<Arc<dyn crate::capture::Capture>>;
     /// What is needed to start the VM again, when the platform can tell.
     async fn definition(&self) -> Result<Option<VmDefinition>>;
+    /// Resumes the VM if a capture start paused it and did not resume it (the process died in
+    /// between); a VM the user paused is left alone. Returns whether it resumed the VM. The
+    /// guardian uses it.
+    async fn resume_if_paused(&self) -> Result<bool>;
 }
 
 #[cfg(test)]

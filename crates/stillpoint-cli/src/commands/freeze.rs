@@ -183,21 +183,7 @@ pub async fn run_guardian(_ctx: &Context, args: GuardianArgs) -> anyhow::Result<
         lease.deadline_ms
     );
 
-    let outcome = guardian::watch(
-        &args.lease,
-        || freeze::thaw_attempt(vm.as_ref()),
-        |holder| {
-            eprintln!(
-                "{} stopping the holder {holder}: it outlived its freeze deadline",
-                timestamp()
-            );
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(holder as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        },
-    )
-    .await;
+    let outcome = freeze::guard(&args.lease, &lease, vm.as_ref()).await;
     match outcome {
         Ok(GuardianOutcome::Released) => eprintln!("{} released: nothing to do", timestamp()),
         Ok(GuardianOutcome::Thawed {

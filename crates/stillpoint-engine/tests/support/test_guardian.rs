@@ -44,18 +44,7 @@ async fn main() -> ExitCode {
         }
     };
     println!("{GUARDIAN_READY}");
-    let outcome = guardian::watch(
-        &lease_file,
-        || freeze::thaw_attempt(vm.as_ref()),
-        |holder| {
-            eprintln!("stopping the holder {holder}: it outlived its freeze deadline");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(holder as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        },
-    )
-    .await;
+    let outcome = freeze::guard(&lease_file, &lease, vm.as_ref()).await;
     match outcome {
         Ok(outcome) => {
             eprintln!("{outcome:?}");
