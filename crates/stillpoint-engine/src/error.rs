@@ -31,6 +31,13 @@ pub enum EngineErrorKind {
     HostCommand,
     /// The capture step of a recipe failed (disk selection, freeze, capture start).
     Capture,
+    /// A restore failed: the target directory, a disk, or a file written beside the disks.
+    Restore,
+    /// A recorded VM definition cannot be used (not a QEMU command line, an argument that
+    /// does not parse, a disk image the command line does not name).
+    VmDefinition,
+    /// The boot test of a restore could not be set up or run.
+    BootTest,
     /// A fault injected by a test at a named failpoint (`failpoints` feature builds only).
     Injected,
 }

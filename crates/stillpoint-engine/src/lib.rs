@@ -16,5 +16,6 @@ pub mod guardian;
 pub mod preflight;
 pub mod recipe_runner;
 pub mod report;
+pub mod restore;
 
 pub use error::{EngineError, EngineErrorKind, Result};

@@ -1,0 +1,453 @@
+//! The boot test: start the restored VM once, unattended, and see whether it comes up.
+//!
+//! The guest runs on qcow2 overlays (backed by the restored images, which QEMU opens
+//! read-only) in a temporary directory, with fresh sockets there, in its own process group
+//! that is killed on every path (and by the kernel if this process dies first). It passes
+//! when QMP says `running`, the guest agent (when the definition has a channel for one)
+//! answers `guest-ping`, and the restored files are unchanged afterwards.
+
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use stillpoint_platform::qemu::{QemuVm, QemuVmSpec, SpecOrigin};
+use stillpoint_platform::{GuestAgent, RunState, Vm, VmDefinition};
+
+use super::rewrite::{BootAccel, TargetDisk, for_boot_test, rewrite_definition};
+use crate::error::{EngineError, EngineErrorKind, Result};
+
+/// How often the test looks at QEMU and the agent while it waits.
+const POLL: Duration = Duration::from_millis(200);
+/// How long a clean `quit` may take before QEMU is killed.
+const QUIT_LIMIT: Duration = Duration::from_secs(10);
+/// Console lines kept for a failure report.
+const CONSOLE_TAIL_LINES: usize = 30;
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct BootTestRequest {
+    /// The VM's name (for messages and QEMU's process).
+    pub vm: String,
+    /// The definition as the snapshot recorded it.
+    pub recorded: VmDefinition,
+    /// The restored disks (every disk of the definition).
+    pub disks: Vec<TargetDisk>,
+    pub accel: BootAccel,
+    /// Until QMP says `running`.
+    pub start_timeout: Duration,
+    /// Until the agent answers (a TCG guest needs ~4 s; slow hosts and real OSes more).
+    pub agent_timeout: Duration,
+}
+
+impl BootTestRequest {
+    pub fn new(vm: String, recorded: VmDefinition, disks: Vec<TargetDisk>) -> Self {
+        Self {
+            vm,
+            recorded,
+            disks,
+            accel: BootAccel::Tcg,
+            start_timeout: Duration::from_secs(30),
+            agent_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// One filesystem the restored guest's agent reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BootFilesystem {
+    pub mountpoint: String,
+    #[serde(rename = "type")]
+    pub fs_type: String,
+    /// The guest's device name (`vda`).
+    pub device: String,
+}
+
+/// What the boot test saw.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BootTestReport {
+    /// Every check held.
+    pub passed: bool,
+    /// QMP reported the VM `running`.
+    pub booted: bool,
+    /// The definition has a guest agent channel the test could reach.
+    pub agent_channel: bool,
+    pub agent_answered: bool,
+    pub seconds_to_running: Option<f64>,
+    /// From QEMU's start to the first answered `guest-ping`.
+    pub seconds_to_agent: Option<f64>,
+    pub filesystems: Vec<BootFilesystem>,
+    /// The guest OS as its agent names it.
+    pub os: Option<String>,
+    pub restored_images_untouched: bool,
+    /// Why it failed.
+    pub failure: Option<String>,
+    /// The guest console's (or QEMU's output's) last lines, on failure.
+    pub console_tail: Option<String>,
+    /// The command line the test ran.
+    pub argv: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+/// Boots the restored VM once (see the module doc). `Err` when the test cannot be set up
+/// (no overlay, no QEMU); a guest that does not come up is a report with `passed: false`.
+pub async fn boot_test(request: &BootTestRequest) -> Result<BootTestReport> {
+    let missing: Vec<&str> = request
+        .recorded
+        .disks
+        .iter()
+        .filter(|d| !request.disks.iter().any(|t| t.id == d.id))
+        .map(|d| d.id.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(boot_error(format!(
+            "VM {}: the boot test needs every disk of the VM restored; missing: {}",
+            request.vm,
+            missing.join(", ")
+        )));
+    }
+    let temp = tempfile::Builder::new()
+        .prefix("stillpoint-boot-")
+        .tempdir()
+        .map_err(|e| boot_error("cannot create a temporary directory").with_source(e))?;
+    let run_dir = temp.path().join("run");
+    std::fs::create_dir(&run_dir)
+        .map_err(|e| boot_error(format!("cannot create {}", run_dir.display())).with_source(e))?;
+
+    let mut overlays = Vec::new();
+    for disk in &request.disks {
+        let overlay = temp
+            .path()
+            .join(format!("{}.overlay.qcow2", sanitize(&disk.id)));
+        create_overlay(&disk.path, &disk.format, &overlay)
+            .await
+            .map_err(|e| {
+                EngineError::new(
+                    EngineErrorKind::BootTest,
+                    format!(
+                        "VM {}: disk {}: cannot create the overlay",
+                        request.vm, disk.id
+                    ),
+                )
+                .with_source(e)
+            })?;
+        overlays.push(TargetDisk {
+            id: disk.id.clone(),
+            path: overlay,
+            format: "qcow2".into(),
+        });
+    }
+    let rewritten = rewrite_definition(&request.recorded, &overlays, &run_dir)?;
+    let qmp_socket = run_dir.join("boot-test-qmp.sock");
+    let (argv, adapted) = for_boot_test(&rewritten.argv, request.accel, &qmp_socket)?;
+    let mut report = BootTestReport {
+        argv: argv.clone(),
+        notes: adapted,
+        agent_channel: rewritten.agent_socket.is_some(),
+        ..Default::default()
+    };
+    let before = fingerprints(&request.disks);
+
+    let log_path = temp.path().join("qemu.log");
+    let program = program_to_run(&argv[0], &mut report.notes);
+    let qemu = QemuProcess::spawn(&program, &argv[1..], temp.path(), &log_path).map_err(|e| {
+        EngineError::new(
+            EngineErrorKind::BootTest,
+            format!("VM {}: cannot start {program}", request.vm),
+        )
+        .with_source(e)
+    })?;
+    let vm = QemuVm::new(
+        QemuVmSpec {
+            name: format!("{}-boot-test", request.vm),
+            qmp_socket: qmp_socket.clone(),
+            qga_socket: rewritten.agent_socket.clone(),
+            pid: Some(qemu.pid()),
+            origin: SpecOrigin::RuntimeDir(temp.path().to_path_buf()),
+        },
+        stillpoint_qga::Timeouts::default(),
+    );
+
+    let outcome = watch(&vm, &qemu, request, &mut report).await;
+    if qemu.exit_status().is_none() {
+        quit(&vm, &qemu).await;
+    }
+    drop(qemu);
+    report.restored_images_untouched = fingerprints(&request.disks) == before;
+    if let Err(failure) = outcome {
+        report.failure = Some(failure);
+    } else if !report.restored_images_untouched {
+        report.failure = Some("a restored image changed during the boot test".into());
+    }
+    report.passed = report.failure.is_none();
+    if !report.passed {
+        report.console_tail = Some(console_tail(rewritten.console_log.as_deref(), &log_path));
+    }
+    drop(temp);
+    Ok(report)
+}
+
+/// Waits for `running`, then for the agent; fills `report`. `Err` says why it failed.
+async fn watch(
+    vm: &QemuVm,
+    qemu: &QemuProcess,
+    request: &BootTestRequest,
+    report: &mut BootTestReport,
+) -> std::result::Result<(), String> {
+    let started = qemu.started;
+    let deadline = started + request.start_timeout;
+    loop {
+        if let Some(status) = qemu.exit_status() {
+            return Err(format!("QEMU exited ({status}) before the VM ran"));
+        }
+        if let Ok(status) = vm.status().await
+            && status.state == RunState::Running
+        {
+            report.booted = true;
+            report.seconds_to_running = Some(started.elapsed().as_secs_f64());
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "QMP did not report the VM running within {} s",
+                request.start_timeout.as_secs()
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let Some(agent) = vm.agent() else {
+        report
+            .notes
+            .push("the VM has no guest agent channel: only checked that it runs".into());
+        return Ok(());
+    };
+    let deadline = Instant::now() + request.agent_timeout;
+    loop {
+        if let Some(status) = qemu.exit_status() {
+            return Err(format!(
+                "QEMU exited ({status}) before the guest agent answered"
+            ));
+        }
+        if agent.ping().await.is_ok() {
+            report.agent_answered = true;
+            report.seconds_to_agent = Some(started.elapsed().as_secs_f64());
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the guest agent did not answer guest-ping within {} s",
+                request.agent_timeout.as_secs()
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    collect_guest_facts(agent, report).await;
+    Ok(())
+}
+
+async fn collect_guest_facts(agent: Arc<dyn GuestAgent>, report: &mut BootTestReport) {
+    match agent.fs_info().await {
+        Ok(filesystems) => {
+            report.filesystems = filesystems
+                .into_iter()
+                .map(|fs| BootFilesystem {
+                    mountpoint: fs.mountpoint,
+                    fs_type: fs.fs_type,
+                    device: fs.name,
+                })
+                .collect();
+        }
+        Err(error) => report
+            .notes
+            .push(format!("guest-get-fsinfo failed: {error}")),
+    }
+    match agent.os_info().await {
+        Ok(os) => {
+            let name = os.pretty_name.or(os.name).or(os.id);
+            report.os = match (name, os.kernel_release) {
+                (Some(name), Some(kernel)) => Some(format!("{name} (kernel {kernel})")),
+                (Some(name), None) => Some(name),
+                (None, Some(kernel)) => Some(format!("kernel {kernel}")),
+                (None, None) => None,
+            };
+        }
+        Err(error) => report
+            .notes
+            .push(format!("guest-get-osinfo failed: {error}")),
+    }
+    agent.release().await;
+}
+
+/// QMP `quit`, then a kill when QEMU has not gone within [`QUIT_LIMIT`].
+async fn quit(vm: &QemuVm, qemu: &QemuProcess) {
+    if let Ok(monitor) = vm.monitor().await {
+        let _ = monitor.quit().await;
+    }
+    let deadline = Instant::now() + QUIT_LIMIT;
+    while qemu.exit_status().is_none() && Instant::now() < deadline {
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// `qemu-img create -f qcow2 -b BACKING -F FORMAT OVERLAY`.
+async fn create_overlay(
+    backing: &Path,
+    format: &str,
+    overlay: &Path,
+) -> std::result::Result<(), std::io::Error> {
+    let output = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(backing)
+        .args(["-F", format])
+        .arg(overlay)
+        .output()
+        .await?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(std::io::Error::other(format!(
+        "qemu-img create failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    )))
+}
+
+/// The recorded program, or its bare name looked up in `PATH` when the recorded path does
+/// not exist here (a definition from another host).
+fn program_to_run(recorded: &str, notes: &mut Vec<String>) -> String {
+    let path = Path::new(recorded);
+    if path.is_absolute()
+        && !path.exists()
+        && let Some(name) = path.file_name()
+    {
+        let name = name.to_string_lossy().into_owned();
+        notes.push(format!(
+            "{recorded} does not exist here; ran {name} from PATH"
+        ));
+        return name;
+    }
+    recorded.to_string()
+}
+
+/// What identifies a file's content without reading it: size and modification time.
+fn fingerprints(disks: &[TargetDisk]) -> Vec<Option<(u64, SystemTime)>> {
+    disks
+        .iter()
+        .map(|d| {
+            let meta = std::fs::metadata(&d.path).ok()?;
+            Some((meta.len(), meta.modified().ok()?))
+        })
+        .collect()
+}
+
+fn console_tail(console: Option<&Path>, qemu_log: &Path) -> String {
+    let tail = |path: &Path| {
+        let text = std::fs::read(path).ok()?;
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(CONSOLE_TAIL_LINES);
+        let joined = lines[start..].join("\n");
+        (!joined.trim().is_empty()).then_some(joined)
+    };
+    let mut parts = Vec::new();
+    if let Some(text) = console.and_then(tail) {
+        parts.push(format!("guest console:\n{text}"));
+    }
+    if let Some(text) = tail(qemu_log) {
+        parts.push(format!("QEMU output:\n{text}"));
+    }
+    if parts.is_empty() {
+        "(the guest console and QEMU's output are empty)".into()
+    } else {
+        parts.join("\n")
+    }
+}
+
+fn sanitize(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn boot_error(message: impl Into<String>) -> EngineError {
+    EngineError::new(EngineErrorKind::BootTest, message)
+}
+
+/// QEMU in its own process group, killed (the whole group) when this handle drops, and by
+/// the kernel when the thread that started it dies.
+struct QemuProcess {
+    child: std::sync::Mutex<Child>,
+    started: Instant,
+}
+
+impl QemuProcess {
+    fn spawn(program: &str, args: &[String], dir: &Path, log: &Path) -> std::io::Result<Self> {
+        let out = std::fs::File::create(log)?;
+        let err = out.try_clone()?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        die_with_parent(&mut command);
+        let child = command.spawn()?;
+        Ok(Self {
+            child: std::sync::Mutex::new(child),
+            started: Instant::now(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.lock().id()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exit_status(&self) -> Option<ExitStatus> {
+        self.lock().try_wait().ok().flatten()
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        let child = self.child.get_mut().unwrap_or_else(|p| p.into_inner());
+        if matches!(child.try_wait(), Ok(None)) {
+            let group = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+}
+
+/// Own process group (so the whole group can be killed) and SIGKILL when the starting thread
+/// dies (so no QEMU outlives a killed `stillpoint`).
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    let parent = nix::unistd::getpid();
+    command.process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and only makes two
+    // async-signal-safe system calls (prctl, getppid); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // The parent may have died between fork and prctl: then no signal would come.
+            if nix::unistd::getppid() != parent {
+                return Err(nix::errno::Errno::ESRCH.into());
+            }
+            Ok(())
+        });
+    }
+}
