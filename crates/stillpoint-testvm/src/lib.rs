@@ -72,4 +72,9 @@ pub use crate::vm::{
     Restart, StopOutcome, list_vms, stop_vm,
 };
 pub use crate::wait::{POLL_INTERVAL, wait_until};
-pub use crate::workload::{WRITER_MARK, WriterSample, parse_writer_samples, stall_writer_script};
+pub use crate::workload::{
+    LOCKSTEP_BLOCK, LOCKSTEP_MARK, LockstepLayout, RECORD_MARK, RECORD_SIZE, RecordScan,
+    WRITER_MARK, WriterSample, highest_mark, lockstep_block, lockstep_writer_script,
+    newest_lockstep_block, parse_writer_samples, record, record_writer_script, scan_records,
+    stall_writer_script,
+};
