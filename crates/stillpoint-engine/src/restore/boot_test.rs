@@ -39,6 +39,9 @@ pub struct BootTestRequest {
     pub start_timeout: Duration,
     /// Until the agent answers (a TCG guest needs ~4 s; slow hosts and real OSes more).
     pub agent_timeout: Duration,
+    /// Where the temporary directory (overlays, sockets, logs) goes; default: the system's
+    /// temporary directory. Keep it short: unix socket paths end at 107 bytes.
+    pub scratch_parent: Option<std::path::PathBuf>,
 }
 
 impl BootTestRequest {
@@ -50,6 +53,7 @@ impl BootTestRequest {
             accel: BootAccel::Tcg,
             start_timeout: Duration::from_secs(30),
             agent_timeout: Duration::from_secs(120),
+            scratch_parent: None,
         }
     }
 }
@@ -107,10 +111,20 @@ pub async fn boot_test(request: &BootTestRequest) -> Result<BootTestReport> {
             missing.join(", ")
         )));
     }
+    let scratch_parent = request
+        .scratch_parent
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
     let temp = tempfile::Builder::new()
         .prefix("stillpoint-boot-")
-        .tempdir()
-        .map_err(|e| boot_error("cannot create a temporary directory").with_source(e))?;
+        .tempdir_in(&scratch_parent)
+        .map_err(|e| {
+            boot_error(format!(
+                "cannot create a temporary directory in {}",
+                scratch_parent.display()
+            ))
+            .with_source(e)
+        })?;
     let run_dir = temp.path().join("run");
     std::fs::create_dir(&run_dir)
         .map_err(|e| boot_error(format!("cannot create {}", run_dir.display())).with_source(e))?;
@@ -229,7 +243,9 @@ async fn watch(
                 "QEMU exited ({status}) before the guest agent answered"
             ));
         }
-        if agent.ping().await.is_ok() {
+        // One ping may wait for the agent's sync handshake; it never outlasts the deadline.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if let Ok(Ok(())) = tokio::time::timeout(remaining, agent.ping()).await {
             report.agent_answered = true;
             report.seconds_to_agent = Some(started.elapsed().as_secs_f64());
             break;
@@ -449,5 +465,153 @@ fn die_with_parent(command: &mut Command) {
             }
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real QEMU, no guest OS: enough to see the failure paths (QEMU refusing to start, an
+    //! agent that never answers) end with a report, a console tail, QEMU gone and the
+    //! scratch directory removed. The passing path, with a real guest, is the CLI's
+    //! `vm_restore` test.
+
+    use stillpoint_platform::DefinedDisk;
+
+    use super::*;
+
+    /// A VM definition recorded elsewhere (`/orig/…`) with one qcow2 disk and an agent
+    /// channel, and a "restored" image for it in `dir`.
+    fn fixture(dir: &Path, extra: &[&str]) -> BootTestRequest {
+        let image = dir.join("vd0.qcow2");
+        let created = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&image)
+            .arg("16M")
+            .status()
+            .expect("qemu-img runs");
+        assert!(created.success());
+        let mut argv: Vec<String> = [
+            "qemu-system-x86_64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-m",
+            "64",
+            "-serial",
+            "file:/orig/console.log",
+            "-blockdev",
+            r#"{"driver":"qcow2","node-name":"disk0","file":{"driver":"file","filename":"/orig/disk0.qcow2"}}"#,
+            "-device",
+            "virtio-blk-pci,drive=disk0,id=vd0",
+            "-chardev",
+            "socket,path=/orig/qga.sock,server=on,wait=off,id=qga0",
+            "-device",
+            "virtio-serial",
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let recorded = VmDefinition {
+            kind: "qemu".into(),
+            argv,
+            disks: vec![DefinedDisk {
+                id: "vd0".into(),
+                image: "/orig/disk0.qcow2".into(),
+                format: "qcow2".into(),
+            }],
+        };
+        let mut request = BootTestRequest::new(
+            "fixture".into(),
+            recorded,
+            vec![TargetDisk {
+                id: "vd0".into(),
+                path: image,
+                format: "qcow2".into(),
+            }],
+        );
+        let scratch = dir.join("scratch");
+        std::fs::create_dir(&scratch).expect("mkdir");
+        request.scratch_parent = Some(scratch);
+        request
+    }
+
+    /// Whether any process still has `needle` on its command line.
+    fn process_with(needle: &str) -> bool {
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .any(|cmdline| String::from_utf8_lossy(&cmdline).contains(needle))
+    }
+
+    fn assert_cleaned_up(request: &BootTestRequest) {
+        let scratch = request.scratch_parent.as_ref().expect("set");
+        let left: Vec<_> = std::fs::read_dir(scratch).expect("scratch").collect();
+        assert!(left.is_empty(), "scratch left behind: {left:?}");
+        assert!(
+            !process_with(&scratch.display().to_string()),
+            "a QEMU of the boot test outlived it"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_agent_that_never_answers_fails_the_test_with_the_console_tail() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // No kernel and no bootable disk: the firmware runs, no agent ever starts.
+        let mut request = fixture(dir.path(), &[]);
+        request.agent_timeout = Duration::from_secs(2);
+        let before = std::fs::read(&request.disks[0].path).expect("image");
+        let report = boot_test(&request).await.expect("the test runs");
+        assert!(report.booted, "{report:#?}");
+        assert!(report.agent_channel, "{report:#?}");
+        assert!(!report.agent_answered, "{report:#?}");
+        assert!(!report.passed, "{report:#?}");
+        assert_eq!(
+            report.failure.as_deref(),
+            Some("the guest agent did not answer guest-ping within 2 s")
+        );
+        assert!(report.console_tail.is_some(), "{report:#?}");
+        assert!(report.restored_images_untouched, "{report:#?}");
+        assert_eq!(
+            std::fs::read(&request.disks[0].path).expect("image"),
+            before
+        );
+        assert_cleaned_up(&request);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn qemu_refusing_to_start_is_a_failed_report_with_its_output() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let request = fixture(dir.path(), &["-kernel", "/nonexistent/vmlinuz"]);
+        let report = boot_test(&request).await.expect("the test runs");
+        assert!(!report.booted, "{report:#?}");
+        assert!(!report.passed, "{report:#?}");
+        let failure = report.failure.as_deref().unwrap_or_default();
+        assert!(
+            failure.starts_with("QEMU exited") && failure.contains("before the VM ran"),
+            "{failure}"
+        );
+        let tail = report.console_tail.as_deref().unwrap_or_default();
+        assert!(
+            tail.contains("/nonexistent/vmlinuz"),
+            "QEMU's own words: {tail}"
+        );
+        assert_cleaned_up(&request);
+    }
+
+    #[tokio::test]
+    async fn every_disk_of_the_vm_must_be_restored() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut request = fixture(dir.path(), &[]);
+        request.disks.clear();
+        let error = boot_test(&request).await.expect_err("no disks");
+        assert_eq!(error.kind(), EngineErrorKind::BootTest);
+        assert_eq!(
+            error.to_string(),
+            "VM fixture: the boot test needs every disk of the VM restored; missing: vd0"
+        );
     }
 }
