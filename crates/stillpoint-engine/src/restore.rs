@@ -182,7 +182,11 @@ impl SnapshotSummary {
             id: manifest.id.clone(),
             vm: manifest.vm.clone(),
             platform: manifest.platform.clone(),
-            time: manifest.time.to_rfc3339(),
+            // The manifest's own form (RFC 3339, UTC, `Z`).
+            time: serde_json::to_value(manifest.time)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
             hostname: manifest.hostname.clone(),
             parent: manifest.parent.clone(),
             requested: manifest.requested.clone(),
@@ -789,6 +793,15 @@ mod tests {
         assert!(text.contains("6b0821183d1cdce6"), "{text}");
         assert!(text.contains("no disk named `nope`"), "{text}");
         assert!(text.contains("vd0, vd1"), "{text}");
+    }
+
+    #[test]
+    fn the_summary_keeps_the_manifest_facts() {
+        let manifest = manifest(serde_json::json!({}), "qemu:demo");
+        let summary = SnapshotSummary::of(&manifest);
+        assert_eq!(summary.time, "2026-11-26T12:07:52Z");
+        assert_eq!(summary.achieved.as_deref(), Some("filesystem"));
+        assert_eq!(summary.indications, ["GuestAgent"]);
     }
 
     #[test]

@@ -1598,4 +1598,85 @@ mod tests {
         assert_eq!(out, expected);
         assert!(notes.is_empty(), "{notes:?}");
     }
+
+    /// The rewritten forms as real QEMU reads them: every restored file attached, as raw,
+    /// and the options of the old format gone (QEMU refuses unknown options).
+    #[test]
+    fn real_qemu_accepts_the_rewritten_disks_as_raw() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            let created = std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "raw"])
+                .arg(&path)
+                .arg("1M")
+                .status()
+                .expect("qemu-img runs");
+            assert!(created.success());
+            path
+        };
+        let restored = [
+            target("vda", file("vda.raw").to_str().unwrap(), "raw"),
+            target("vdb", file("vd,b.raw").to_str().unwrap(), "raw"),
+            target("drive0", file("drive0.raw").to_str().unwrap(), "raw"),
+            target("ide0-hd0", file("ide0-hd0.raw").to_str().unwrap(), "raw"),
+        ];
+        let recorded = definition(
+            argv(&[
+                "qemu-system-x86_64",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-blockdev",
+                r#"{"driver":"file","node-name":"proto0","filename":"/vms/a.qcow2"}"#,
+                "-blockdev",
+                r#"{"driver":"qcow2","node-name":"fmt0","file":"proto0","l2-cache-size":1048576}"#,
+                "-device",
+                "virtio-blk-pci,drive=fmt0,id=vda",
+                "-blockdev",
+                "qcow2,node-name=fmt1,file.driver=file,file.filename=/vms/b.qcow2,lazy-refcounts=on",
+                "-device",
+                "virtio-blk-pci,drive=fmt1,id=vdb",
+                "-drive",
+                "file=/vms/c.qcow2,if=virtio,id=drive0,format=qcow2,cache-size=2M",
+                "-hda",
+                "/vms/d.qcow2",
+            ]),
+            &[
+                ("vda", "/vms/a.qcow2", "qcow2"),
+                ("vdb", "/vms/b.qcow2", "qcow2"),
+                ("drive0", "/vms/c.qcow2", "qcow2"),
+                ("ide0-hd0", "/vms/d.qcow2", "qcow2"),
+            ],
+        );
+        let out =
+            rewrite_definition(&recorded, &restored, &dir.path().join("run")).expect("rewrite");
+        let mut qemu = std::process::Command::new(&out.argv[0])
+            .args(&out.argv[1..])
+            .args(["-S", "-monitor", "stdio"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("QEMU starts");
+        {
+            use std::io::Write as _;
+            let mut stdin = qemu.stdin.take().expect("stdin");
+            stdin
+                .write_all(b"info block\nquit\n")
+                .expect("monitor input");
+        }
+        let output = qemu.wait_with_output().expect("QEMU ends");
+        let text = String::from_utf8_lossy(&output.stdout).replace('\r', "");
+        assert!(
+            output.status.success(),
+            "QEMU refused {:?}: {}",
+            out.argv,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for disk in &restored {
+            let attached = format!("{} (raw)", disk.path.display());
+            assert!(text.contains(&attached), "{attached} not in:\n{text}");
+        }
+    }
 }
