@@ -46,6 +46,7 @@ mod disk;
 mod elf;
 mod error;
 mod guest;
+mod image;
 mod packages;
 mod paths;
 pub mod probe;
@@ -61,6 +62,7 @@ pub use crate::config::{
 };
 pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::guest::{GuestImage, GuestManifest, GuestRecipe, RECIPE_VERSION};
+pub use crate::image::{Ext4Health, ext4_extract, ext4_file_size, ext4_health};
 pub use crate::paths::{
     GUEST_DIR_ENV, RUNTIME_DIR_ENV, default_guest_dir, default_runtime_root, vm_dir,
 };
