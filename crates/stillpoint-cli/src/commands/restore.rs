@@ -133,7 +133,7 @@ pub async fn run(ctx: &Context, args: RestoreArgs) -> anyhow::Result<ExitCode> {
     }))
 }
 
-async fn run_boot_test(
+pub(crate) async fn run_boot_test(
     outcome: &RestoreOutcome,
     agent_timeout: Duration,
 ) -> anyhow::Result<BootTestReport> {
