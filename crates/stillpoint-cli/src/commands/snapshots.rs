@@ -26,7 +26,7 @@ pub async fn run(ctx: &Context, args: SnapshotsArgs) -> anyhow::Result<ExitCode>
         return Ok(ExitCode::from(EXIT_OK));
     }
     println!(
-        "{:<16}  {:<19}  {:<20}  {:>10}  {:<11}  {:<11}  disks",
+        "{:<16}  {:<19}  {:<20}  {:>10}  {:<11}  {:<11}  DISKS",
         "ID", "TIME (UTC)", "VM", "SIZE", "REQUESTED", "ACHIEVED"
     );
     for m in &snapshots {
