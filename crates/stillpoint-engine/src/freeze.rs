@@ -30,6 +30,51 @@ pub struct GuardContext {
     pub guardian: GuardianCommand,
 }
 
+impl GuardContext {
+    /// A lease on `vm` held by this process: watched (thaw at once if we die), with a deadline
+    /// `deadline` from now (`None`: none), thawing a freeze and/or resuming a paused VM.
+    fn lease(
+        &self,
+        vm: &dyn Vm,
+        deadline: Option<Duration>,
+        thaw: bool,
+        resume_if_paused: bool,
+    ) -> (PathBuf, Lease) {
+        let reference = vm.reference().to_string();
+        let path = guardian::lease_path(&self.runtime_root, &reference);
+        let now = guardian::now_ms();
+        let lease = Lease {
+            vm: reference,
+            config: self.config.clone(),
+            runtime_root: self.runtime_root.clone(),
+            token: guardian::new_token(),
+            holder_pid: std::process::id(),
+            watch_holder: true,
+            frozen_at_ms: now,
+            deadline_ms: deadline.map(|d| now + d.as_millis() as u64),
+            thaw_now: false,
+            guardian_pid: None,
+            thaw,
+            resume_if_paused,
+        };
+        (path, lease)
+    }
+
+    /// Writes the lease, starts its guardian and records the guardian's pid in it. On error
+    /// the lease is removed again.
+    async fn start_guardian(&self, path: &std::path::Path, lease: &mut Lease) -> Result<()> {
+        guardian::write_lease(path, lease)?;
+        match self.guardian.spawn(path).await {
+            Ok(pid) => lease.guardian_pid = Some(pid),
+            Err(error) => {
+                let _ = guardian::remove_lease(path, &lease.token);
+                return Err(error);
+            }
+        }
+        guardian::write_lease(path, lease)
+    }
+}
+
 /// What `stillpoint freeze` did.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "outcome")]
@@ -143,32 +188,18 @@ async fn freeze_with_lease(
     {
         return Ok(FreezeOutcome::AlreadyFrozen);
     }
-    let reference = vm.reference().to_string();
-    let lease_path = guardian::lease_path(&guard.runtime_root, &reference);
-    let mut lease = Lease {
-        vm: reference.clone(),
-        config: guard.config.clone(),
-        runtime_root: guard.runtime_root.clone(),
-        token: guardian::new_token(),
-        holder_pid: std::process::id(),
-        // Until the freeze call returns, a dead freezer means nobody will report the freeze:
-        // the guardian thaws at once. Afterwards the freezer may exit (virt-freezer does).
-        watch_holder: true,
-        frozen_at_ms: guardian::now_ms(),
-        // Provisional: the guardian must cover a freeze that hangs, too.
-        deadline_ms: unfreeze_timeout
-            .map(|t| guardian::now_ms() + (freeze_timeout + t).as_millis() as u64),
-        thaw_now: false,
-        guardian_pid: None,
-        thaw: true,
-        resume_if_paused: false,
-    };
-    guardian::write_lease(&lease_path, &lease)?;
-    if unfreeze_timeout.is_some() {
-        lease.guardian_pid = Some(guard.guardian.spawn(&lease_path).await.inspect_err(|_| {
-            let _ = guardian::remove_lease(&lease_path, &lease.token);
-        })?);
-        guardian::write_lease(&lease_path, &lease)?;
+    // Until the freeze call returns, a dead freezer means nobody will report the freeze: the
+    // guardian thaws at once. Afterwards the freezer may exit (virt-freezer does) and the
+    // deadline takes over. The provisional deadline covers a freeze that hangs, too.
+    let (lease_path, mut lease) = guard.lease(
+        vm,
+        unfreeze_timeout.map(|t| freeze_timeout + t),
+        true,
+        false,
+    );
+    match unfreeze_timeout {
+        Some(_) => guard.start_guardian(&lease_path, &mut lease).await?,
+        None => guardian::write_lease(&lease_path, &lease)?,
     }
     let started = Instant::now();
     match agent.freeze(freeze_timeout).await {
@@ -398,34 +429,10 @@ impl GuardedFreeze {
         freeze_timeout: Duration,
         hold_limit: Duration,
     ) -> Result<Self> {
-        let reference = vm.reference().to_string();
-        let lease_path = guardian::lease_path(&guard.runtime_root, &reference);
-        let mut lease = Lease {
-            vm: reference,
-            config: guard.config.clone(),
-            runtime_root: guard.runtime_root.clone(),
-            token: guardian::new_token(),
-            holder_pid: std::process::id(),
-            watch_holder: true,
-            frozen_at_ms: guardian::now_ms(),
-            deadline_ms: Some(
-                guardian::now_ms() + (freeze_timeout + hold_limit).as_millis() as u64,
-            ),
-            thaw_now: false,
-            guardian_pid: None,
-            thaw: true,
-            // The capture start pauses the vCPUs while the guest is frozen.
-            resume_if_paused: true,
-        };
-        guardian::write_lease(&lease_path, &lease)?;
-        match guard.guardian.spawn(&lease_path).await {
-            Ok(pid) => lease.guardian_pid = Some(pid),
-            Err(error) => {
-                let _ = guardian::remove_lease(&lease_path, &lease.token);
-                return Err(error);
-            }
-        }
-        guardian::write_lease(&lease_path, &lease)?;
+        // The capture start pauses the vCPUs while the guest is frozen: resume them too.
+        let (lease_path, mut lease) =
+            guard.lease(vm, Some(freeze_timeout + hold_limit), true, true);
+        guard.start_guardian(&lease_path, &mut lease).await?;
         let started = Instant::now();
         match agent.freeze(freeze_timeout).await {
             Ok(filesystems) => Ok(Self {
@@ -458,6 +465,9 @@ impl GuardedFreeze {
         match result {
             Ok(thawed) => {
                 let _ = guardian::remove_lease(&self.lease_path, &self.token);
+                // The agent channel takes one client at a time: holding it through the copy
+                // would lock every other agent user out for as long as the backup runs.
+                self.agent.release().await;
                 (window(thawed), Ok(()))
             }
             Err(error) => {
@@ -492,31 +502,8 @@ pub struct PauseGuard {
 impl PauseGuard {
     /// Starts a guardian that resumes the VM if this process dies or outlives `hold_limit`.
     pub async fn start(vm: &dyn Vm, guard: &GuardContext, hold_limit: Duration) -> Result<Self> {
-        let reference = vm.reference().to_string();
-        let lease_path = guardian::lease_path(&guard.runtime_root, &reference);
-        let mut lease = Lease {
-            vm: reference,
-            config: guard.config.clone(),
-            runtime_root: guard.runtime_root.clone(),
-            token: guardian::new_token(),
-            holder_pid: std::process::id(),
-            watch_holder: true,
-            frozen_at_ms: guardian::now_ms(),
-            deadline_ms: Some(guardian::now_ms() + hold_limit.as_millis() as u64),
-            thaw_now: false,
-            guardian_pid: None,
-            thaw: false,
-            resume_if_paused: true,
-        };
-        guardian::write_lease(&lease_path, &lease)?;
-        match guard.guardian.spawn(&lease_path).await {
-            Ok(pid) => lease.guardian_pid = Some(pid),
-            Err(error) => {
-                let _ = guardian::remove_lease(&lease_path, &lease.token);
-                return Err(error);
-            }
-        }
-        guardian::write_lease(&lease_path, &lease)?;
+        let (lease_path, mut lease) = guard.lease(vm, Some(hold_limit), false, true);
+        guard.start_guardian(&lease_path, &mut lease).await?;
         Ok(Self {
             lease_path,
             token: lease.token,
