@@ -223,19 +223,7 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<ExitCode> {
     for (proof, manifest) in levels.iter_mut().zip(&snapshots) {
         let Some(manifest) = manifest else { continue };
         let target = root.path().join(format!("restore-{}", proof.requested));
-        let request = RestoreRequest {
-            target: target.clone(),
-            format: ImageFormat::Raw,
-            disks: vec![],
-            force: false,
-            zero_fill_damaged: false,
-        };
-        let repo = repo.clone();
-        let manifest = manifest.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            restore::restore_snapshot(&repo, &manifest, &request, &NoRestoreProgress)
-        })
-        .await??;
+        let outcome = restore_to(&repo, manifest, &target, ImageFormat::Raw).await?;
         let image = &outcome.disks[0].path;
         inspect_restore(proof, image, &target)?;
         say(describe_restore(proof));
@@ -244,19 +232,13 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<ExitCode> {
     say("▶ stillpoint restore <filesystem snapshot> --format qcow2 --boot-test".into());
     let mut boot = None;
     if let Some(manifest) = &snapshots[1] {
-        let request = RestoreRequest {
-            target: root.path().join("boot"),
-            format: ImageFormat::Qcow2,
-            disks: vec![],
-            force: false,
-            zero_fill_damaged: false,
-        };
-        let repo = repo.clone();
-        let manifest = manifest.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            restore::restore_snapshot(&repo, &manifest, &request, &NoRestoreProgress)
-        })
-        .await??;
+        let outcome = restore_to(
+            &repo,
+            manifest,
+            &root.path().join("boot"),
+            ImageFormat::Qcow2,
+        )
+        .await?;
         let report =
             crate::commands::restore::run_boot_test(&outcome, Duration::from_secs(120)).await?;
         say(match &report.failure {
@@ -322,6 +304,27 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         EXIT_ERROR
     }))
+}
+
+/// Restores every disk of a snapshot into `target`.
+async fn restore_to(
+    repo: &Repository,
+    manifest: &stillpoint_repo::Manifest,
+    target: &Path,
+    format: ImageFormat,
+) -> anyhow::Result<restore::RestoreOutcome> {
+    let request = RestoreRequest {
+        target: target.to_path_buf(),
+        format,
+        disks: vec![],
+        force: false,
+        zero_fill_damaged: false,
+    };
+    let (repo, manifest) = (repo.clone(), manifest.clone());
+    Ok(tokio::task::spawn_blocking(move || {
+        restore::restore_snapshot(&repo, &manifest, &request, &NoRestoreProgress)
+    })
+    .await??)
 }
 
 fn demo_recipe(dir: &Path) -> anyhow::Result<Arc<RecipeInput>> {
