@@ -76,7 +76,10 @@ pub use crate::vm::{
 pub use crate::wait::{POLL_INTERVAL, wait_until};
 pub use crate::workload::{
     LOCKSTEP_BLOCK, LOCKSTEP_MARK, LockstepLayout, RECORD_MARK, RECORD_SIZE, RecordScan,
-    WRITER_MARK, WriterSample, highest_mark, lockstep_block, lockstep_writer_script,
-    newest_lockstep_block, parse_writer_samples, record, record_writer_script, scan_records,
+    SQLITE_BEGIN_MARK, SQLITE_COMMITTED_MARK, SQLITE_JOURNAL_MAGIC, SQLITE_OPEN_MARK,
+    SQLITE_WANT_MARK, SqliteJournalHeader, SqliteProgress, SqliteScan, SqliteWriter, WRITER_MARK,
+    WriterSample, highest_mark, lockstep_block, lockstep_writer_script, newest_lockstep_block,
+    parse_sqlite_journal_header, parse_sqlite_scan, parse_writer_samples, record,
+    record_writer_script, scan_records, scan_sqlite_database, sqlite_check_value, sqlite_scan_sql,
     stall_writer_script,
 };

@@ -6,7 +6,10 @@
 //!   restored copy shows whether it holds a clean prefix of the sequence or a torn record;
 //! - the lockstep writer: writes numbered blocks to several raw disks in turn with direct I/O
 //!   (each write has reached the virtual disk before the next starts), so restored copies of
-//!   the disks show whether they were captured at one instant.
+//!   the disks show whether they were captured at one instant;
+//! - the SQLite writer: an application that inserts batches of rows in transactions, holding
+//!   each open for a while, so a restored database shows whether it was captured between
+//!   transactions (application level) or inside one (crash level: a hot journal to roll back).
 
 use std::time::Duration;
 
@@ -363,6 +366,298 @@ impl LaunchedVm {
     }
 }
 
+/// The SQLite writer's console lines, each `<mark> SEQ` for transaction SEQ (numbered from 1):
+/// it is about to ask for the write lock.
+pub const SQLITE_WANT_MARK: &str = "stillpoint-sqlite-want";
+/// It holds the write lock: transaction SEQ is open.
+pub const SQLITE_BEGIN_MARK: &str = "stillpoint-sqlite-begin";
+/// Transaction SEQ wrote all its rows, and what SQLite had written to the files so far (the
+/// rollback journal, the pages that did not fit the cache) is on the disk; SEQ is still open.
+pub const SQLITE_OPEN_MARK: &str = "stillpoint-sqlite-open";
+/// `COMMIT` of SEQ returned. `<mark>-failed SEQ`: sqlite3 failed (its error is on the console
+/// too) and the writer stopped.
+pub const SQLITE_COMMITTED_MARK: &str = "stillpoint-sqlite-committed";
+
+/// An application for the application-consistency tests: a loop that inserts a batch of rows
+/// into an SQLite database per transaction, in the default rollback-journal mode, and reports
+/// every step of each transaction on the console (so the host sees what was committed when,
+/// also while the guest is frozen).
+///
+/// Transaction SEQ first inserts its batch row (`batches`: SEQ, how many rows, the sum of
+/// their check values), then its `rows_per_transaction` item rows (`items`: SEQ, K, a check
+/// value and a payload, both functions of SEQ and K that [`sqlite_scan_sql`] recomputes).
+/// The connection's page cache is kept small (10 pages), so SQLite writes the oldest dirty
+/// page — the batch row's — into the database file before the commit, having saved the
+/// original in the rollback journal: the shape of a large transaction in a real application.
+/// Inside the transaction the writer then runs `sync`, so that a crash-level capture taken
+/// while the transaction is open finds those pages on the disk (the kernel would write them
+/// back within seconds anyway; the `sync` only makes it deterministic), waits while the
+/// `gate` file exists (the test holds a transaction open exactly as long as it needs), sleeps
+/// `hold`, and commits.
+///
+/// It waits for the write lock as long as it takes (busy timeout 10 minutes), as an
+/// application does while a backup's recipe holds the lock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqliteWriter {
+    /// The database, e.g. `/data/app.db`.
+    pub db: String,
+    /// Item rows per transaction (about 1 KiB each). With fewer than about 40 a transaction
+    /// fits the 10-page cache, nothing reaches the database file before the commit, and a
+    /// journal caught mid-transaction is not hot yet (its header is written at its first sync).
+    pub rows_per_transaction: u32,
+    /// Seconds each transaction stays open after its rows are written.
+    pub hold: f64,
+    /// Seconds between two transactions.
+    pub pause: f64,
+    /// While this guest file exists, the writer keeps its open transaction open.
+    pub gate: String,
+    /// Where the progress lines go (`/dev/console`: the host reads the serial console).
+    pub console: String,
+}
+
+impl Default for SqliteWriter {
+    fn default() -> Self {
+        SqliteWriter {
+            db: "/data/app.db".to_owned(),
+            rows_per_transaction: 64,
+            hold: 0.3,
+            pause: 0.2,
+            gate: "/run/stillpoint-sqlite-writer.hold".to_owned(),
+            console: "/dev/console".to_owned(),
+        }
+    }
+}
+
+/// The check value of item `k` of transaction `seq` (what the writer stores and the scan
+/// recomputes, in SQL integer arithmetic).
+pub fn sqlite_check_value(seq: u64, k: u64) -> u64 {
+    (seq * 1_000_003 + k * 7919) % 1_000_000_007
+}
+
+impl SqliteWriter {
+    /// The busybox `sh` script of the writer (see [`SqliteWriter`]). It continues after the
+    /// highest batch already in the database.
+    pub fn script(&self) -> String {
+        let SqliteWriter {
+            db,
+            rows_per_transaction: rows,
+            hold,
+            pause,
+            gate,
+            console,
+        } = self;
+        let numbers = format!(
+            "WITH RECURSIVE k(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM k WHERE n < {rows})"
+        );
+        format!(
+            "fail() {{ echo \"{SQLITE_COMMITTED_MARK}-failed $1\" >> {console}; exit 1; }}; \
+             sqlite3 -bail {db} \
+             'CREATE TABLE IF NOT EXISTS batches(seq INTEGER PRIMARY KEY, rows INTEGER NOT NULL, total INTEGER NOT NULL);' \
+             'CREATE TABLE IF NOT EXISTS items(seq INTEGER NOT NULL, k INTEGER NOT NULL, check_value INTEGER NOT NULL, payload TEXT NOT NULL, PRIMARY KEY(seq, k));' \
+             2>>{console} || fail 0; \
+             i=$(sqlite3 {db} 'SELECT coalesce(max(seq), 0) FROM batches;' 2>>{console}) || fail 0; \
+             while :; do i=$((i+1)); \
+             echo \"{SQLITE_WANT_MARK} $i\" >> {console}; \
+             sqlite3 -bail {db} '.timeout 600000' 'PRAGMA cache_size=10;' 'BEGIN IMMEDIATE;' \
+             \".shell echo {SQLITE_BEGIN_MARK} $i >> {console}\" \
+             \"INSERT INTO batches SELECT $i, count(*), sum(v) FROM ({numbers} SELECT ($i*1000003+n*7919)%1000000007 AS v FROM k);\" \
+             \"{numbers} INSERT INTO items SELECT $i, n, ($i*1000003+n*7919)%1000000007, printf('%0900d', $i*100000+n) FROM k;\" \
+             \".shell sync; echo {SQLITE_OPEN_MARK} $i >> {console}; while [ -e {gate} ]; do sleep 0.1; done; sleep {hold}\" \
+             'COMMIT;' 2>>{console} || fail $i; \
+             echo \"{SQLITE_COMMITTED_MARK} $i\" >> {console}; \
+             sleep {pause}; done"
+        )
+    }
+}
+
+/// The query that checks a copy of the writer's database: one line per batch,
+/// `seq|rows|total|items|items_total|good_items` (`good_items`: rows whose `k`, check value
+/// and payload are what the writer wrote for that batch), then `orphans|N`, the item rows
+/// without a batch. Read with [`parse_sqlite_scan`].
+pub fn sqlite_scan_sql() -> &'static str {
+    "SELECT b.seq, b.rows, b.total, count(i.k), coalesce(sum(i.check_value), 0), \
+     coalesce(sum(i.k BETWEEN 1 AND b.rows \
+                  AND i.check_value = (b.seq*1000003 + i.k*7919) % 1000000007 \
+                  AND i.payload = printf('%0900d', b.seq*100000 + i.k)), 0) \
+     FROM batches b LEFT JOIN items i ON i.seq = b.seq GROUP BY b.seq ORDER BY b.seq; \
+     SELECT 'orphans', count(*) FROM items WHERE seq NOT IN (SELECT seq FROM batches);"
+}
+
+/// What a copy of the writer's database holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SqliteScan {
+    /// Every batch found, in order.
+    pub batches: Vec<u64>,
+    /// What is wrong: a batch that is not whole, a missing batch, item rows without a batch.
+    /// Empty: batches 1..=newest, each with exactly its rows.
+    pub problems: Vec<String>,
+}
+
+impl SqliteScan {
+    /// The highest batch found (0 when there is none).
+    pub fn newest(&self) -> u64 {
+        self.batches.last().copied().unwrap_or(0)
+    }
+
+    /// Transactions 1..=newest, each whole, and nothing else.
+    pub fn is_clean_prefix(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Reads the output of [`sqlite_scan_sql`] (sqlite3's default `|`-separated list mode) for a
+/// writer that inserts `rows_per_transaction` rows per transaction. A line it cannot read is
+/// a problem, not a panic.
+pub fn parse_sqlite_scan(output: &str, rows_per_transaction: u32) -> SqliteScan {
+    let mut scan = SqliteScan::default();
+    let rows = u64::from(rows_per_transaction);
+    for line in output.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let fields: Vec<&str> = line.split('|').collect();
+        if let ["orphans", count] = fields.as_slice() {
+            match count.parse::<u64>() {
+                Ok(0) => {}
+                Ok(n) => scan
+                    .problems
+                    .push(format!("{n} item row(s) belong to no batch")),
+                Err(_) => scan.problems.push(format!("unreadable line {line:?}")),
+            }
+            continue;
+        }
+        let numbers: Option<Vec<u64>> = fields.iter().map(|f| f.parse().ok()).collect();
+        let Some([seq, claimed, total, items, items_total, good]) = numbers
+            .as_deref()
+            .and_then(|n| <[u64; 6]>::try_from(n).ok())
+        else {
+            scan.problems.push(format!("unreadable line {line:?}"));
+            continue;
+        };
+        let expected_total: u64 = (1..=rows).map(|k| sqlite_check_value(seq, k)).sum();
+        let expected_seq = scan.newest() + 1;
+        if seq != expected_seq {
+            scan.problems.push(format!(
+                "batch {seq} follows batch {} (missing {expected_seq}..{seq})",
+                scan.newest()
+            ));
+        }
+        if claimed != rows || total != expected_total {
+            scan.problems.push(format!(
+                "batch {seq}: its batch row says {claimed} rows totalling {total}, the writer wrote {rows} totalling {expected_total}"
+            ));
+        }
+        if items != rows || good != rows || items_total != expected_total {
+            scan.problems.push(format!(
+                "batch {seq}: {items} item rows ({good} as written, total {items_total}), not {rows} totalling {expected_total}"
+            ));
+        }
+        scan.batches.push(seq);
+    }
+    scan
+}
+
+/// Runs [`sqlite_scan_sql`] with the host's `sqlite3` on `database` — a path, or a URI such as
+/// `file:/x/app.db?immutable=1` (read the file as it is, ignoring a journal beside it) — and
+/// reads the result. A database sqlite3 cannot read is an error with its message.
+pub fn scan_sqlite_database(database: &str, rows_per_transaction: u32) -> Result<SqliteScan> {
+    let output = crate::tool::run(
+        std::process::Command::new("sqlite3")
+            .arg("-bail")
+            .arg(database)
+            .arg(sqlite_scan_sql()),
+        &format!("scanning the SQLite writer's database {database}"),
+    )?;
+    Ok(parse_sqlite_scan(
+        &String::from_utf8_lossy(&output.stdout),
+        rows_per_transaction,
+    ))
+}
+
+/// The first 8 bytes of a live rollback journal's header.
+pub const SQLITE_JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
+
+/// The header of an SQLite rollback journal (`<db>-journal`), as described in "The Rollback
+/// Journal" of sqlite.org/fileformat.html. A journal with this header next to its database,
+/// whose writer is gone, is *hot*: the next connection that opens the database must roll the
+/// journal's pages back into the database file before it may read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqliteJournalHeader {
+    /// Page records in the first segment; `None` for 0xFFFFFFFF ("as many as the file holds",
+    /// written when the journal is not synced).
+    pub records: Option<u32>,
+    /// The size of the database, in pages, before the transaction: the rollback truncates the
+    /// file back to it.
+    pub initial_pages: u32,
+    /// The page size of the journal's records.
+    pub page_size: u32,
+}
+
+/// Reads a rollback journal's header. `None` when the file is empty, zeroed (a journal SQLite
+/// has finished with in `PERSIST` mode), or not a journal: nothing to roll back.
+pub fn parse_sqlite_journal_header(journal: &[u8]) -> Option<SqliteJournalHeader> {
+    let header = journal.get(..28)?;
+    // Bytes 0..8: the magic; anything else (zeros included) is not a live journal.
+    if header[..8] != SQLITE_JOURNAL_MAGIC {
+        return None;
+    }
+    let word = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+    Some(SqliteJournalHeader {
+        // Bytes 8..12: the record count of this segment, big-endian; -1 means "compute it".
+        records: Some(word(8)).filter(|&n| n != u32::MAX),
+        // Bytes 12..16: the nonce of the record checksums (not needed here).
+        // Bytes 16..20: the database size in pages when the transaction started.
+        initial_pages: word(16),
+        // Bytes 20..24: the sector size the writer assumed (not needed here).
+        // Bytes 24..28: the page size.
+        page_size: word(24),
+    })
+}
+
+impl LaunchedVm {
+    /// Starts `writer` in the guest (in the background) and waits until it committed its
+    /// first transactions.
+    pub async fn start_sqlite_writer(&self, writer: &SqliteWriter) -> Result<()> {
+        self.start_background(&writer.script()).await?;
+        self.wait_for_mark(SQLITE_COMMITTED_MARK, 2, Duration::from_secs(120))
+            .await
+            .map(|_| ())
+    }
+
+    /// The highest transaction the SQLite writer reported committed.
+    pub fn sqlite_committed(&self) -> u64 {
+        highest_mark(&self.console_text(), SQLITE_COMMITTED_MARK)
+    }
+
+    /// The SQLite writer's progress as its console shows it now.
+    pub fn sqlite_progress(&self) -> SqliteProgress {
+        SqliteProgress::of(&self.console_text())
+    }
+}
+
+/// Where the SQLite writer is, from its console lines: the highest SEQ of each mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SqliteProgress {
+    pub wanted: u64,
+    pub begun: u64,
+    pub open: u64,
+    pub committed: u64,
+}
+
+impl SqliteProgress {
+    pub fn of(console: &str) -> Self {
+        SqliteProgress {
+            wanted: highest_mark(console, SQLITE_WANT_MARK),
+            begun: highest_mark(console, SQLITE_BEGIN_MARK),
+            open: highest_mark(console, SQLITE_OPEN_MARK),
+            committed: highest_mark(console, SQLITE_COMMITTED_MARK),
+        }
+    }
+
+    /// It committed `committed` and is waiting for the lock of the next transaction, which it
+    /// has not got: nothing of a transaction after `committed` can be in the database.
+    pub fn waiting_for_lock(&self) -> bool {
+        self.wanted == self.committed + 1 && self.begun == self.committed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,5 +797,214 @@ mod tests {
                        noise stillpoint-lockstep 99\nstillpoint-lockstep x\n";
         assert_eq!(highest_mark(console, LOCKSTEP_MARK), 12);
         assert_eq!(highest_mark("", RECORD_MARK), 0);
+    }
+
+    fn batch_line(seq: u64, rows: u64) -> String {
+        let total: u64 = (1..=rows).map(|k| sqlite_check_value(seq, k)).sum();
+        format!("{seq}|{rows}|{total}|{rows}|{total}|{rows}")
+    }
+
+    #[test]
+    fn sqlite_scan_accepts_whole_batches_in_order() {
+        let output = format!("{}\n{}\norphans|0\n", batch_line(1, 4), batch_line(2, 4));
+        let scan = parse_sqlite_scan(&output, 4);
+        assert_eq!(scan.batches, vec![1, 2]);
+        assert!(scan.is_clean_prefix(), "{:?}", scan.problems);
+        assert_eq!(scan.newest(), 2);
+        let empty = parse_sqlite_scan("orphans|0\n", 4);
+        assert!(empty.is_clean_prefix());
+        assert_eq!(empty.newest(), 0);
+    }
+
+    #[test]
+    fn sqlite_scan_names_every_kind_of_damage() {
+        // Batch 2's row is there, its items are not (a torn transaction read without its
+        // journal); batch 4 follows batch 2; orphan items.
+        let total: u64 = (1..=4).map(|k| sqlite_check_value(2, k)).sum();
+        let output = format!(
+            "{}\n2|4|{total}|0|0|0\n{}\norphans|3\nnot a line\n",
+            batch_line(1, 4),
+            batch_line(4, 4)
+        );
+        let scan = parse_sqlite_scan(&output, 4);
+        assert_eq!(scan.batches, vec![1, 2, 4]);
+        assert!(!scan.is_clean_prefix());
+        let problems = scan.problems.join("\n");
+        assert!(
+            problems.contains("batch 2: 0 item rows (0 as written, total 0), not 4"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("batch 4 follows batch 2 (missing 3..4)"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("3 item row(s) belong to no batch"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("unreadable line \"not a line\""),
+            "{problems}"
+        );
+
+        // A row whose payload was changed, and a batch row that lies about its size.
+        let total: u64 = (1..=4).map(|k| sqlite_check_value(1, k)).sum();
+        let bad_item = parse_sqlite_scan(&format!("1|4|{total}|4|{total}|3\n"), 4);
+        assert_eq!(bad_item.batches, vec![1]);
+        assert!(
+            bad_item.problems[0].contains("(3 as written"),
+            "{bad_item:?}"
+        );
+        let liar = parse_sqlite_scan(&format!("{}\n", batch_line(1, 5)), 4);
+        assert!(
+            liar.problems[0].contains("batch row says 5 rows"),
+            "{liar:?}"
+        );
+    }
+
+    #[test]
+    fn journal_header_fields_are_read_big_endian() {
+        let mut journal = SQLITE_JOURNAL_MAGIC.to_vec();
+        journal.extend_from_slice(&4u32.to_be_bytes()); // records
+        journal.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // nonce
+        journal.extend_from_slice(&20u32.to_be_bytes()); // initial pages
+        journal.extend_from_slice(&512u32.to_be_bytes()); // sector size
+        journal.extend_from_slice(&4096u32.to_be_bytes()); // page size
+        assert_eq!(
+            parse_sqlite_journal_header(&journal),
+            Some(SqliteJournalHeader {
+                records: Some(4),
+                initial_pages: 20,
+                page_size: 4096
+            })
+        );
+        journal[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(parse_sqlite_journal_header(&journal).unwrap().records, None);
+        assert_eq!(parse_sqlite_journal_header(&[]), None);
+        assert_eq!(parse_sqlite_journal_header(&journal[..27]), None);
+        assert_eq!(parse_sqlite_journal_header(&[0; 512]), None, "zeroed");
+    }
+
+    #[test]
+    fn sqlite_progress_knows_when_the_writer_waits_for_the_lock() {
+        let console = "stillpoint-sqlite-want 1\nstillpoint-sqlite-begin 1\nstillpoint-sqlite-open 1\n\
+                       stillpoint-sqlite-committed 1\nstillpoint-sqlite-want 2\n";
+        let progress = SqliteProgress::of(console);
+        assert_eq!(
+            progress,
+            SqliteProgress {
+                wanted: 2,
+                begun: 1,
+                open: 1,
+                committed: 1
+            }
+        );
+        assert!(progress.waiting_for_lock());
+        let inside = SqliteProgress::of(&format!("{console}stillpoint-sqlite-begin 2\n"));
+        assert!(!inside.waiting_for_lock(), "it holds the lock of 2");
+        let between = SqliteProgress::of(&console.replace("stillpoint-sqlite-want 2\n", ""));
+        assert!(!between.waiting_for_lock(), "it has not asked for 2 yet");
+    }
+
+    /// The writer's script, run by the host's `sh` and `sqlite3` (the guest's version) in a
+    /// temporary directory: it commits whole batches, the gate holds a transaction open with
+    /// a hot journal beside a database file that already holds part of the transaction, and
+    /// rolling that journal back leaves exactly the committed batches.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sqlite_writer_script_on_the_host_commits_whole_batches_and_leaves_a_hot_journal_while_open()
+     {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+        let writer = SqliteWriter {
+            db: path("app.db"),
+            rows_per_transaction: 64,
+            hold: 0.0,
+            pause: 0.0,
+            gate: path("gate"),
+            console: path("console"),
+        };
+        let progress =
+            || SqliteProgress::of(&std::fs::read_to_string(&writer.console).unwrap_or_default());
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(writer.script())
+            .process_group(0)
+            .spawn()
+            .expect("sh runs");
+        let stop = |child: &mut std::process::Child| {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.wait();
+        };
+        let ran = crate::wait_until(Duration::from_secs(60), || async {
+            progress().committed >= 3
+        })
+        .await;
+        if !ran {
+            stop(&mut child);
+            panic!(
+                "the writer did not commit 3 transactions (is sqlite3 installed?): {}",
+                std::fs::read_to_string(&writer.console).unwrap_or_default()
+            );
+        }
+
+        // Hold the next transaction open and copy the files, as a crash would leave them. A
+        // transaction that reports `open` after the gate exists waits at the gate.
+        std::fs::write(&writer.gate, b"").unwrap();
+        let at_gate = progress();
+        let held = crate::wait_until(Duration::from_secs(60), || async {
+            let p = progress();
+            p.open > at_gate.open && p.open > p.committed
+        })
+        .await;
+        assert!(held, "no transaction was held open: {:?}", progress());
+        let open = progress().open;
+        let copy = tempfile::tempdir().unwrap();
+        let copied = |name: &str| copy.path().join(name).to_str().unwrap().to_owned();
+        std::fs::copy(&writer.db, copied("app.db")).unwrap();
+        std::fs::copy(format!("{}-journal", writer.db), copied("app.db-journal"))
+            .expect("an open transaction has a journal");
+        std::fs::remove_file(&writer.gate).unwrap();
+        let committed = crate::wait_until(Duration::from_secs(60), || async {
+            progress().committed >= open
+        })
+        .await;
+        stop(&mut child);
+        assert!(
+            committed,
+            "the held transaction did not commit: {:?}",
+            progress()
+        );
+
+        let journal = std::fs::read(copied("app.db-journal")).unwrap();
+        let header = parse_sqlite_journal_header(&journal).expect("a hot journal");
+        assert!(
+            header.records.is_some_and(|n| n > 0),
+            "pages were saved: {header:?}"
+        );
+        // The database file alone (journal ignored) holds the open transaction's batch row
+        // without its items: the torn state the journal exists to undo.
+        let raw = scan_sqlite_database(
+            &format!("file:{}?immutable=1", copied("app.db")),
+            writer.rows_per_transaction,
+        )
+        .unwrap();
+        assert_eq!(raw.newest(), open, "{raw:?}");
+        assert!(!raw.is_clean_prefix(), "{raw:?}");
+        // Opened normally, SQLite rolls the journal back: exactly the committed batches.
+        let rolled_back = scan_sqlite_database(&copied("app.db"), 64).unwrap();
+        assert!(rolled_back.is_clean_prefix(), "{rolled_back:?}");
+        assert_eq!(rolled_back.newest(), open - 1);
+        assert!(
+            !std::path::Path::new(&copied("app.db-journal")).exists(),
+            "the journal is gone after the rollback"
+        );
+
+        let live = scan_sqlite_database(&writer.db, 64).unwrap();
+        assert!(live.is_clean_prefix(), "{live:?}");
+        assert!(live.newest() >= open);
     }
 }
