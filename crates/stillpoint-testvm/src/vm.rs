@@ -663,7 +663,10 @@ fn prepare(config: &VmConfig, dir: &Path) -> Result<VmFiles> {
         .data_disks
         .iter()
         .enumerate()
-        .map(|(index, spec)| crate::disk::create_data_disk(dir, index, *spec))
+        .map(|(index, spec)| {
+            let prefill = crate::disk::Prefill::of(*spec, config.prefill_percent, &config.name);
+            crate::disk::create_data_disk(dir, index, *spec, prefill)
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(VmFiles {
         kernel: image.kernel(),
