@@ -37,8 +37,9 @@ pub enum BenchCommand {
     Freeze(crate::commands::bench_freeze::FreezeBenchArgs),
     /// Repository throughput, memory and size against restic and borg.
     Repo(RepoBenchArgs),
-    /// Capture (NBD read) throughput.
-    Capture,
+    /// The stall a guest writer sees during a backup against freeze → copy → thaw, copy
+    /// throughput against backup-image, and a 1 % incremental against a full backup.
+    Capture(crate::commands::bench_capture::CaptureBenchArgs),
     /// Internal: run a command, print its wall time and peak RSS as JSON.
     #[command(hide = true)]
     Measure(MeasureArgs),
@@ -76,7 +77,7 @@ pub struct MeasureArgs {
 pub async fn run(ctx: &Context, args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         BenchCommand::Freeze(a) => crate::commands::bench_freeze::run(ctx, a).await,
-        BenchCommand::Capture => bail!("`stillpoint bench capture` is not implemented yet"),
+        BenchCommand::Capture(a) => crate::commands::bench_capture::run(ctx, a).await,
         BenchCommand::Measure(a) => measure(a),
         BenchCommand::Repo(a) => bench_repo(ctx, a),
     }
