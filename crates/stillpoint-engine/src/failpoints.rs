@@ -57,7 +57,10 @@ pub(crate) fn check(name: &'static str) -> Result<()> {
 /// Runs the point: `Some(argument)` when it is configured to `return`.
 #[cfg(feature = "failpoints")]
 fn evaluate(name: &'static str) -> Option<Option<String>> {
-    if !fail::list().iter().any(|(configured, _)| configured == name) {
+    if !fail::list()
+        .iter()
+        .any(|(configured, _)| configured == name)
+    {
         return None;
     }
     tracing::warn!("failpoint {name} reached");

@@ -244,7 +244,9 @@ impl Running {
                     let _ = self.child.kill();
                     let output = std::mem::replace(&mut self.child, dummy()).wait_with_output();
                     panic!(
-                        "the backup never reached failpoint {name}; stderr:\n{}\nstdout:\n{}",
+                        "the backup never reached failpoint {name} (is the binary built with \
+                         the `failpoints` feature? another build may have replaced it); \
+                         stderr:\n{}\nstdout:\n{}",
                         self.stderr,
                         output
                             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -408,6 +410,29 @@ pub fn sha256(path: &Path) -> String {
         .output()
         .expect("sha256sum runs");
     assert!(output.status.success());
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// SHA-256 of bytes, with the host's `sha256sum`.
+pub fn sha256_bytes(data: &[u8]) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum runs");
+    let mut stdin = child.stdin.take().expect("piped");
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let output = child.wait_with_output().expect("sha256sum ends");
+    writer
+        .join()
+        .expect("writer")
+        .expect("sha256sum reads its input");
     String::from_utf8_lossy(&output.stdout)
         .split_whitespace()
         .next()

@@ -61,6 +61,14 @@ impl QemuCapturedDisk {
     }
 
     fn map_error(&self, what: &str, error: stillpoint_nbd::Error) -> PlatformError {
+        // A broken snapshot fails block status the way it fails reads (seen on QEMU 7.2 with
+        // a full scratch area: the allocation map is the first thing read after the break).
+        if let stillpoint_nbd::ErrorKind::Request { errno } = error.kind()
+            && BROKEN_SNAPSHOT_ERRNOS.contains(errno)
+        {
+            let offset = error.offset().unwrap_or(0);
+            return self.read_error(offset, error);
+        }
         PlatformError::new(
             PlatformErrorKind::Capture,
             format!(
