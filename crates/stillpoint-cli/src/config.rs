@@ -84,7 +84,9 @@ impl LoadedConfig {
         let mut config: Config = toml::from_str(&text).map_err(|error| {
             anyhow::anyhow!("{}: {}", path.display(), error.to_string().trim_end())
         })?;
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // Absolute: paths go to QEMU and to the guardian, whose working directories differ.
+        let absolute = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+        let base = absolute.parent().map(Path::to_path_buf).unwrap_or_default();
         config.resolve_relative(&base);
         config.validate(&path)?;
         Ok(Self {

@@ -438,7 +438,15 @@ impl Run {
             .as_ref()
             .map(|m| ParentTracking::from_report(&m.report))
             .unwrap_or_default();
-        let scratch = env.scratch_root.join(sanitize(&job.vm));
+        // Absolute: QEMU opens the scratch files, and its working directory is not ours.
+        let scratch =
+            std::path::absolute(env.scratch_root.join(sanitize(&job.vm))).map_err(|error| {
+                EngineError::new(
+                    EngineErrorKind::Platform,
+                    "cannot make the scratch directory's path absolute",
+                )
+                .with_source(error)
+            })?;
         std::fs::create_dir_all(&scratch).map_err(|error| {
             EngineError::new(
                 EngineErrorKind::Platform,
