@@ -100,7 +100,7 @@ impl Bench {
             .expect("the stillpoint binary starts");
         let lines = read_lines(child.stderr.take().expect("piped"));
         Running {
-            child,
+            child: Some(child),
             lines,
             stderr: String::new(),
         }
@@ -218,15 +218,21 @@ impl Bench {
     }
 }
 
-/// A backup started with [`Bench::spawn_backup`].
+/// A backup started with [`Bench::spawn_backup`]. Dropped without [`Running::finish`] or
+/// [`Running::kill`] (a failing test), it kills the backup, so no paused backup outlives its
+/// test.
 pub struct Running {
-    pub child: Child,
+    child: Option<Child>,
     lines: mpsc::Receiver<String>,
     /// What stderr said so far.
     pub stderr: String,
 }
 
 impl Running {
+    fn child(&self) -> &Child {
+        self.child.as_ref().expect("present until consumed")
+    }
+
     /// Waits until stderr says `failpoint NAME reached` (the backup stands there now). Fails
     /// the test, with what the backup printed, if it exits first.
     pub fn wait_for_failpoint(&mut self, name: &str) {
@@ -241,16 +247,17 @@ impl Running {
                     }
                 }
                 Err(_) => {
-                    let _ = self.child.kill();
-                    let output = std::mem::replace(&mut self.child, dummy()).wait_with_output();
+                    let mut child = self.child.take().expect("present until consumed");
+                    let _ = child.kill();
+                    let stdout = child
+                        .wait_with_output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_default();
                     panic!(
                         "the backup never reached failpoint {name} (is the binary built with \
                          the `failpoints` feature? another build may have replaced it); \
-                         stderr:\n{}\nstdout:\n{}",
-                        self.stderr,
-                        output
-                            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                            .unwrap_or_default()
+                         stderr:\n{}\nstdout:\n{stdout}",
+                        self.stderr
                     );
                 }
             }
@@ -260,7 +267,7 @@ impl Running {
     /// SIGUSR1: every failpoint off, a paused backup goes on.
     pub fn release(&self) {
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::unistd::Pid::from_raw(self.child().id() as i32),
             nix::sys::signal::Signal::SIGUSR1,
         )
         .expect("signal the backup");
@@ -268,25 +275,35 @@ impl Running {
 
     /// SIGKILL, and reap.
     pub fn kill(mut self) {
-        self.child.kill().expect("kill the backup");
-        self.child.wait().expect("reap the backup");
+        let mut child = self.child.take().expect("present until consumed");
+        child.kill().expect("kill the backup");
+        child.wait().expect("reap the backup");
     }
 
     /// Waits for the end: exit code, report, stderr.
     pub fn finish(mut self) -> (Option<i32>, Value, String) {
-        let output = self.child.wait_with_output().expect("the backup ends");
+        let child = self.child.take().expect("present until consumed");
+        let output = child.wait_with_output().expect("the backup ends");
         while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
             self.stderr.push_str(&line);
             self.stderr.push('\n');
         }
         let report = report_of(&output);
-        (output.status.code(), report, self.stderr)
+        (
+            output.status.code(),
+            report,
+            std::mem::take(&mut self.stderr),
+        )
     }
 }
 
-/// A stand-in child, so a `Running` can give its real one away in a panic path.
-fn dummy() -> Child {
-    Command::new("true").spawn().expect("true runs")
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 fn read_lines(stderr: ChildStderr) -> mpsc::Receiver<String> {
