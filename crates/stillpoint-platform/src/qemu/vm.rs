@@ -186,13 +186,18 @@ impl Vm for QemuVm {
         // Only a pause the capture start made (it leaves a marker node while the vCPUs are
         // stopped): a VM the user paused stays paused.
         let qmp = self.monitor().await?;
-        let outcome = crate::qemu::capture::resume_if_paused_by_capture(&qmp).await.map_err(|error| {
-            PlatformError::new(
-                PlatformErrorKind::Monitor,
-                format!("VM `{}`: resuming after an interrupted capture start failed", self.spec.name),
-            )
-            .with_source(error)
-        })?;
+        let outcome = crate::qemu::capture::resume_if_paused_by_capture(&qmp)
+            .await
+            .map_err(|error| {
+                PlatformError::new(
+                    PlatformErrorKind::Monitor,
+                    format!(
+                        "VM `{}`: resuming after an interrupted capture start failed",
+                        self.spec.name
+                    ),
+                )
+                .with_source(error)
+            })?;
         Ok(outcome == crate::qemu::capture::ResumeOutcome::Resumed)
     }
 
