@@ -77,6 +77,22 @@ fn bench_capture_measures_ours_and_the_naive_sequence_for_every_configuration() 
             "{naive}"
         );
         assert!(number(&ours["capture_start_ms"], "capture_start_ms") > 0.0);
+        // The guest's clock was mapped onto the host's: the longest append is placed among
+        // the backup's steps, and one overlapped the quiesce (the writer was blocked there).
+        assert!(
+            !ours["stall_during"].as_array().unwrap().is_empty(),
+            "{ours}"
+        );
+        assert!(
+            number(&ours["quiesce_stall_ms"], "quiesce_stall_ms") > 0.0,
+            "{ours}"
+        );
+        let control = &config["controls"][0];
+        assert!(
+            number(&control["window_ms"], "window_ms") > 0.0,
+            "{control}"
+        );
+        assert!(number(&control["stall_ms"], "stall_ms") > 0.0, "{control}");
         assert!(number(&config["stall_ratio"], "stall_ratio") > 0.0);
     }
 

@@ -156,6 +156,13 @@ fn plan_shapes(sizes: &[u64], counts: &[usize]) -> anyhow::Result<(Vec<Shape>, S
 #[derive(Debug, Clone, Serialize)]
 struct OursRound {
     stall_ms: f64,
+    /// The longest append that overlapped the quiesce: from the start of the agent's freeze
+    /// call to the end of the thaw call (what invariant 2 bounds; the rest of `stall_ms` falls
+    /// in the copy and the other steps, while the guest runs).
+    quiesce_stall_ms: Option<f64>,
+    /// How that append splits (ms): inside the agent's freeze call, between the freeze and
+    /// the thaw call (the capture start), inside the thaw call.
+    quiesce_split_ms: Option<QuiesceSplit>,
     /// Writer appends that completed while the backup ran (it keeps writing during the copy).
     appends_during: u64,
     freeze_call_ms: f64,
@@ -171,6 +178,34 @@ struct OursRound {
     stall_window_ms: Option<(f64, f64)>,
     stall_during: Vec<String>,
     steps: Vec<StepRecord>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+struct QuiesceSplit {
+    in_freeze_call: f64,
+    frozen_between: f64,
+    in_thaw_call: f64,
+}
+
+impl QuiesceSplit {
+    /// Splits `append` over the freeze step, the gap up to the thaw step, and the thaw step.
+    fn of(append: (f64, f64), freeze: &StepRecord, thaw: &StepRecord) -> Self {
+        let overlap = |from: f64, to: f64| (append.1.min(to) - append.0.max(from)).max(0.0);
+        let freeze_end = freeze.started_ms + freeze.duration_ms;
+        Self {
+            in_freeze_call: overlap(freeze.started_ms, freeze_end),
+            frozen_between: overlap(freeze_end, thaw.started_ms),
+            in_thaw_call: overlap(thaw.started_ms, thaw.started_ms + thaw.duration_ms),
+        }
+    }
+}
+
+/// The control: the writer's longest append over a window as long as our backup of the same
+/// round, with nothing running (what the guest sees anyway on this machine).
+#[derive(Debug, Clone, Serialize)]
+struct ControlRound {
+    stall_ms: f64,
+    window_ms: f64,
 }
 
 /// What one round of the naive sequence saw.
@@ -190,6 +225,7 @@ struct NaiveRound {
 #[derive(Debug, Serialize)]
 struct OursSummary {
     stall: Stat,
+    quiesce_stall: Stat,
     freeze_call: Stat,
     frozen: Stat,
     thaw_call: Stat,
@@ -218,6 +254,8 @@ struct ShapeResult {
     writer_baseline: Stat,
     ours: OursSummary,
     naive: NaiveSummary,
+    control: Stat,
+    controls: Vec<ControlRound>,
     /// Naive median stall / ours.
     stall_ratio: f64,
     /// The stillpoint dirty bitmaps on vd0 after the rounds (each full backup starts one).
@@ -457,7 +495,7 @@ impl Bench<'_> {
         let repo = init_repository(&repo_path)?;
         let env = target.env(repo);
         let naive_out = dir.join("naive");
-        let (mut ours, mut naive) = (Vec::new(), Vec::new());
+        let (mut ours, mut naive, mut controls) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..self.args.rounds {
             // Alternate which goes first, so neither always inherits the other's aftermath.
             for ours_turn in [round % 2 == 0, round % 2 != 0] {
@@ -469,15 +507,21 @@ impl Bench<'_> {
                 }
             }
             let (o, n) = (ours.last().expect("ran"), naive.last().expect("ran"));
+            self.settle().await;
+            let control = self.control_round(&target, o.total_ms).await?;
             self.say(&format!(
-                "  round {}: stall ours {:.1} ms (frozen {:.1} ms), naive {:.1} ms (frozen {:.1} ms, {} copied)",
+                "  round {}: stall ours {:.1} ms (at the quiesce {}, frozen {:.1} ms), naive {:.1} ms (frozen {:.1} ms, {} copied), control {:.1} ms",
                 round + 1,
                 o.stall_ms,
+                o.quiesce_stall_ms
+                    .map_or("?".into(), |v| format!("{v:.1} ms")),
                 o.frozen_ms,
                 n.stall_ms,
                 n.frozen_ms,
-                bytesize::ByteSize(n.bytes_copied)
+                bytesize::ByteSize(n.bytes_copied),
+                control.stall_ms
             ));
+            controls.push(control);
         }
         drop(env);
         // Asked last: this handle keeps the monitor, which takes one client at a time.
@@ -497,6 +541,7 @@ impl Bench<'_> {
 
         let ours = OursSummary {
             stall: stat_ms(ours.iter().map(|r| r.stall_ms)),
+            quiesce_stall: stat_ms(ours.iter().filter_map(|r| r.quiesce_stall_ms)),
             freeze_call: stat_ms(ours.iter().map(|r| r.freeze_call_ms)),
             frozen: stat_ms(ours.iter().map(|r| r.frozen_ms)),
             thaw_call: stat_ms(ours.iter().map(|r| r.thaw_call_ms)),
@@ -521,6 +566,8 @@ impl Bench<'_> {
                 writer_baseline: Stat::of(&baseline),
                 ours,
                 naive,
+                control: stat_ms(controls.iter().map(|c| c.stall_ms)),
+                controls,
                 stall_ratio,
                 bitmaps_after,
             },
@@ -552,8 +599,17 @@ impl Bench<'_> {
             .window_ms
             .map(|window| steps_overlapping(&report.steps, window))
             .unwrap_or_default();
+        let step = |name: &str| report.steps.iter().find(|s| s.name == name);
+        let at_quiesce = match (step("freeze"), step("thaw")) {
+            (Some(freeze), Some(thaw)) => stall
+                .longest_within((freeze.started_ms, thaw.started_ms + thaw.duration_ms))
+                .map(|(place, latency)| (latency, QuiesceSplit::of(place, freeze, thaw))),
+            _ => None,
+        };
         Ok(OursRound {
             stall_ms: ms(stall.longest),
+            quiesce_stall_ms: at_quiesce.map(|(latency, _)| ms(latency)),
+            quiesce_split_ms: at_quiesce.map(|(_, split)| split),
             appends_during: stall.appends_during,
             freeze_call_ms: freeze.freeze_ms,
             frozen_ms: freeze.frozen_ms,
@@ -566,6 +622,17 @@ impl Bench<'_> {
             stall_window_ms: stall.window_ms,
             stall_during,
             steps: report.steps,
+        })
+    }
+
+    async fn control_round(&self, target: &Target, window_ms: f64) -> anyhow::Result<ControlRound> {
+        let before = target.watch.last_seq();
+        let began = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(window_ms / 1000.0)).await;
+        let stall = target.watch.stall_since(&target.vm, before, began).await?;
+        Ok(ControlRound {
+            stall_ms: ms(stall.longest),
+            window_ms,
         })
     }
 
@@ -921,6 +988,21 @@ struct StallSeen {
     appends_during: u64,
     /// The longest append, in ms since the operation began (host clock).
     window_ms: Option<(f64, f64)>,
+    /// Every append after the operation began: (from, to) in ms since it began (host clock),
+    /// and its duration. Empty when the clocks could not be mapped.
+    placed: Vec<((f64, f64), Duration)>,
+}
+
+impl StallSeen {
+    /// The longest append that overlapped `(from, to)` (ms since the operation began), and
+    /// where it lay.
+    fn longest_within(&self, (from, to): (f64, f64)) -> Option<((f64, f64), Duration)> {
+        self.placed
+            .iter()
+            .filter(|((start, end), _)| *start < to && *end > from)
+            .max_by_key(|(_, latency)| *latency)
+            .copied()
+    }
 }
 
 impl WriterWatch {
@@ -993,15 +1075,23 @@ impl WriterWatch {
             .iter()
             .max_by_key(|s| s.sample.latency())
             .expect("at least two appends after `before`");
+        let offset = guest_to_host_ms(&after, began);
+        let place = |sample: &WriterSample| {
+            offset.map(|offset| {
+                (
+                    sample.start_ns as f64 / 1e6 + offset,
+                    sample.end_ns as f64 / 1e6 + offset,
+                )
+            })
+        };
         Ok(StallSeen {
             longest: longest.sample.latency(),
             appends_during: ended.saturating_sub(before),
-            window_ms: guest_to_host_ms(&after, began).map(|offset| {
-                (
-                    longest.sample.start_ns as f64 / 1e6 + offset,
-                    longest.sample.end_ns as f64 / 1e6 + offset,
-                )
-            }),
+            window_ms: place(&longest.sample),
+            placed: after
+                .iter()
+                .filter_map(|s| Some((place(&s.sample)?, s.sample.latency())))
+                .collect(),
         })
     }
 }
@@ -1118,9 +1208,11 @@ fn print_report(result: &BenchResult) {
     println!("naive = {}", result.naive_copy);
     println!();
     println!(
-        "{:<12} {:>17} {:>19} {:>7}  {:>13} {:>13} {:>13} {:>17}",
+        "{:<12} {:>15} {:>15} {:>15} {:>17} {:>7}  {:>13} {:>13} {:>13} {:>17}",
         "config",
         "ours stall",
+        "at the quiesce",
+        "control",
         "naive stall",
         "ratio",
         "ours frozen",
@@ -1130,9 +1222,11 @@ fn print_report(result: &BenchResult) {
     );
     for c in &result.configs {
         println!(
-            "{:<12} {:>17} {:>19} {:>6.1}x  {:>13} {:>13} {:>13} {:>17}",
+            "{:<12} {:>15} {:>15} {:>15} {:>17} {:>6.1}x  {:>13} {:>13} {:>13} {:>17}",
             format!("{} x {}", c.disks, size_label(c.disk_size)),
             cell(&c.ours.stall),
+            cell(&c.ours.quiesce_stall),
+            cell(&c.control),
             cell(&c.naive.stall),
             c.stall_ratio,
             cell(&c.ours.frozen),
@@ -1141,6 +1235,9 @@ fn print_report(result: &BenchResult) {
             cell(&c.naive.frozen),
         );
     }
+    println!(
+        "(at the quiesce: the longest append overlapping freeze call → thaw; control: the longest append over a window as long as our backup, nothing running; ratio: naive / ours median stall)"
+    );
     println!();
     for c in &result.configs {
         println!(
@@ -1162,6 +1259,20 @@ fn print_report(result: &BenchResult) {
             .map(|r| format!("{:.0} ms in {}", r.stall_ms, r.stall_during.join("+")))
             .collect();
         println!("    ours' longest append per round: {}", placed.join(", "));
+        let splits: Vec<QuiesceSplit> = c
+            .ours
+            .rounds
+            .iter()
+            .filter_map(|r| r.quiesce_split_ms)
+            .collect();
+        if !splits.is_empty() {
+            println!(
+                "    ours' longest append at the quiesce lay (median ms): {:.1} in the agent's freeze call, {:.1} between it and the thaw call (capture start), {:.1} in the thaw call",
+                median(splits.iter().map(|s| s.in_freeze_call)),
+                median(splits.iter().map(|s| s.frozen_between)),
+                median(splits.iter().map(|s| s.in_thaw_call)),
+            );
+        }
         if c.bitmaps_after.len() > 1 {
             println!(
                 "    note: vd0 holds {} stillpoint dirty bitmaps after {} full backups",
@@ -1180,6 +1291,15 @@ fn print_report(result: &BenchResult) {
         .iter()
         .map(|c| c.ours.stall.median_ms)
         .fold(f64::INFINITY, f64::min);
+    let quiesce: Vec<f64> = result
+        .configs
+        .iter()
+        .map(|c| c.ours.quiesce_stall.median_ms)
+        .collect();
+    let (q_worst, q_best) = (
+        quiesce.iter().copied().fold(0.0, f64::max),
+        quiesce.iter().copied().fold(f64::INFINITY, f64::min),
+    );
     println!();
     println!(
         "ours, worst median stall {worst:.1} ms (target <= {TARGET_STALL_MS} ms): {}; largest / smallest median across configurations {:.2}x",
@@ -1188,6 +1308,14 @@ fn print_report(result: &BenchResult) {
             (worst / TARGET_STALL_MS - 1.0) * 100.0
         ),
         worst / best
+    );
+    println!(
+        "ours at the quiesce, worst median {q_worst:.1} ms: {}; largest / smallest median {:.2}x",
+        verdict(
+            q_worst <= TARGET_STALL_MS,
+            (q_worst / TARGET_STALL_MS - 1.0) * 100.0
+        ),
+        q_worst / q_best
     );
     let copy = &result.copy;
     println!();
@@ -1276,6 +1404,64 @@ mod tests {
         assert_eq!(size_label(4 << 30), "4GiB");
         assert_eq!(size_label(1536 << 20), "1536MiB");
         assert_eq!(size_label(1000), "1000B");
+    }
+
+    fn step(name: &str, started_ms: f64, duration_ms: f64) -> StepRecord {
+        StepRecord {
+            name: name.into(),
+            started_ms,
+            duration_ms,
+            outcome: "ok".into(),
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn an_append_is_placed_among_the_steps_it_overlaps() {
+        let steps = [
+            step("preflight", 0.0, 80.0),
+            step("freeze", 100.0, 120.0),
+            step("capture start", 220.0, 4.0),
+            step("thaw", 224.0, 6.0),
+            step("copy vd0", 240.0, 1000.0),
+        ];
+        assert_eq!(
+            steps_overlapping(&steps, (200.0, 226.0)),
+            ["freeze", "capture start", "thaw"]
+        );
+        assert_eq!(steps_overlapping(&steps, (500.0, 540.0)), ["copy vd0"]);
+        assert_eq!(
+            steps_overlapping(&steps, (85.0, 95.0)),
+            ["between recorded steps"]
+        );
+        let split = QuiesceSplit::of((200.0, 226.0), &steps[1], &steps[3]);
+        assert_eq!(
+            (
+                split.in_freeze_call,
+                split.frozen_between,
+                split.in_thaw_call
+            ),
+            (20.0, 4.0, 2.0)
+        );
+    }
+
+    #[test]
+    fn guest_time_maps_onto_host_time_by_the_earliest_sighting() {
+        let began = Instant::now();
+        let seen = |after_ms: u64, end_ns: u64| Seen {
+            at: began + Duration::from_millis(after_ms),
+            sample: WriterSample {
+                seq: 1,
+                start_ns: end_ns - 1_000_000,
+                end_ns,
+            },
+        };
+        // Guest ns 5_000_000_000 is host ms 10 (seen at once); the other line was seen late.
+        let offset = guest_to_host_ms(&[seen(10, 5_000_000_000), seen(40, 5_020_000_000)], began)
+            .expect("samples");
+        assert!((offset - (10.0 - 5000.0)).abs() < 1e-6, "{offset}");
+        assert_eq!(guest_to_host_ms(&[], began), None);
+        assert!((signed_ms(began, began + Duration::from_millis(3)) + 3.0).abs() < 1e-9);
     }
 
     #[test]
