@@ -14,6 +14,7 @@ pub mod failpoints;
 pub mod freeze;
 pub mod guardian;
 pub mod preflight;
+pub mod recipe_phase;
 pub mod recipe_runner;
 pub mod report;
 pub mod restore;

@@ -25,6 +25,11 @@
 //! - **Nothing runs while frozen.** The capture is one [`CaptureHook`] call; a guest-exec the
 //!   agent refuses because the guest is frozen becomes an error that says so.
 //!   [`QemuStepRunner::ensure_thawed`] thaws through the agent when it reports `frozen`.
+//! - **A held command can change hands.** [`BackgroundProcess::hand_over`] leaves a guest
+//!   background command running beyond its handle, and [`QemuStepRunner::adopt`] takes it over
+//!   in another process by its PID (the agent keeps a command's status for any client until its
+//!   exit is read): how `stillpoint recipe run --phase pre` hands the lock session to
+//!   `--phase post` (`crate::recipe_phase`).
 //! - **Output is bounded** ([`RunnerOptions::output_limit`] per stream, the start kept, the
 //!   cut said in the text); the agent itself keeps at most 16 MiB.
 //!
@@ -140,6 +145,23 @@ impl QemuStepRunner {
     /// The VM the runner works on.
     pub fn vm(&self) -> &Arc<dyn Vm> {
         &self.vm
+    }
+
+    /// Takes over a guest background command another process handed over
+    /// ([`BackgroundProcess::hand_over`]): the handle polls, ends and (dropped while the
+    /// command runs) kills it like one this runner started.
+    pub fn adopt(&self, handed: &HandedOver) -> Result<BackgroundProcess> {
+        let agent = self.agent(&handed.id)?;
+        Ok(BackgroundProcess {
+            id: handed.id.clone(),
+            state: Mutex::new(Held::Guest(GuestProcess::adopt(
+                agent,
+                &self.vm_name,
+                &handed.id,
+                handed.pid,
+                handed.grouped,
+            ))),
+        })
     }
 
     /// Lets go of the agent's channel (it takes one client at a time), e.g. before a guardian
@@ -289,12 +311,77 @@ enum Held {
     Guest(GuestProcess),
     Host(Box<HostProcess>),
     Ended(ExecOutcome),
+    /// Left running for another process ([`BackgroundProcess::hand_over`]).
+    HandedOver(HandedOver),
+}
+
+/// A guest background command one stillpoint process leaves running for another to adopt
+/// (`stillpoint recipe run --phase pre`, then `--phase post`): what the second needs to
+/// watch and end it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HandedOver {
+    /// `hook/op`.
+    pub id: String,
+    /// Its PID in the guest, as `guest-exec` returned it.
+    pub pid: i64,
+    /// It runs under `setsid`: signals go to its whole process group.
+    pub grouped: bool,
 }
 
 impl BackgroundProcess {
     /// `hook/op`.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Leaves the command running beyond this handle (dropping it no longer kills it) and
+    /// says how to adopt it ([`QemuStepRunner::adopt`]). Asks nothing of the guest, so it
+    /// works while the guest is frozen. Only a guest command can be handed over: a host
+    /// process dies with this process (`PR_SET_PDEATHSIG`); one that already ended has
+    /// nothing left to hand over. Both are errors naming the op.
+    pub async fn hand_over(&self) -> Result<HandedOver> {
+        let mut state = self.state.lock().await;
+        let handed = match &mut *state {
+            Held::Guest(process) => {
+                let (pid, grouped) = process.hand_over();
+                HandedOver {
+                    id: self.id.clone(),
+                    pid,
+                    grouped,
+                }
+            }
+            Held::HandedOver(handed) => return Ok(handed.clone()),
+            Held::Host(_) => {
+                return Err(EngineError::new(
+                    EngineErrorKind::HostCommand,
+                    format!(
+                        "background op `{}` runs on the host, where it ends with this process; it cannot be handed over",
+                        self.id
+                    ),
+                ));
+            }
+            Held::Ended(_) => {
+                return Err(EngineError::new(
+                    EngineErrorKind::GuestCommand,
+                    format!(
+                        "background op `{}` has already ended; there is nothing to hand over",
+                        self.id
+                    ),
+                ));
+            }
+        };
+        *state = Held::HandedOver(handed.clone());
+        Ok(handed)
+    }
+
+    fn handed_over_error(&self, handed: &HandedOver) -> EngineError {
+        EngineError::new(
+            EngineErrorKind::GuestCommand,
+            format!(
+                "background op `{}` (guest pid {}) was handed over to another process",
+                self.id, handed.pid
+            ),
+        )
     }
 }
 
@@ -328,6 +415,7 @@ impl StepRunner for QemuStepRunner {
         let mut state = handle.state.lock().await;
         let ended = match &mut *state {
             Held::Ended(outcome) => return Ok(BackgroundState::Exited(outcome.clone())),
+            Held::HandedOver(handed) => return Err(handle.handed_over_error(handed)),
             Held::Guest(process) => match process.poll().await? {
                 Some(status) => guest_outcome(&status, self.options.output_limit, false),
                 None => return Ok(BackgroundState::Running),
@@ -362,6 +450,7 @@ impl StepRunner for QemuStepRunner {
                     killed: false,
                 });
             }
+            Held::HandedOver(handed) => return Err(handle.handed_over_error(handed)),
             Held::Guest(process) => {
                 let (status, killed) = self.end_guest(process, grace).await?;
                 (

@@ -124,6 +124,7 @@ pub(super) async fn probe_setsid(
                 pid,
                 grouped: true,
                 reaped: false,
+                handed_over: false,
             };
             let status = probe.wait(KILL_COMMAND_LIMIT).await?;
             Ok(status.is_some_and(|s| s.success()))
@@ -153,6 +154,9 @@ pub(super) struct GuestProcess {
     grouped: bool,
     /// The agent reported it exited (and so forgot its PID): nothing left to kill or ask.
     reaped: bool,
+    /// Handed over to another process ([`GuestProcess::hand_over`]): dropping this handle
+    /// leaves it running.
+    handed_over: bool,
 }
 
 impl GuestProcess {
@@ -168,14 +172,36 @@ impl GuestProcess {
             .await
             .map_err(|error| agent_error(vm, step, "start", error))?;
         tracing::debug!(vm, step, pid, grouped, "guest command started");
-        Ok(GuestProcess {
+        Ok(Self::adopt(agent, vm, step, pid, grouped))
+    }
+
+    /// Takes over a running guest command by its PID — one this process started, or one
+    /// another stillpoint process handed over: from now on it is watched, ended and (dropped
+    /// while running) killed as if started here. The agent keeps a command's status for any
+    /// client until someone reads its exit, so the PID stays valid across processes.
+    pub(super) fn adopt(
+        agent: Arc<dyn GuestAgent>,
+        vm: &str,
+        step: &str,
+        pid: i64,
+        grouped: bool,
+    ) -> Self {
+        GuestProcess {
             agent,
             vm: vm.to_owned(),
             step: step.to_owned(),
             pid,
             grouped,
             reaped: false,
-        })
+            handed_over: false,
+        }
+    }
+
+    /// Lets go of the command for another process to adopt: it keeps running, and dropping
+    /// this handle no longer kills it. Returns its PID and whether it leads its own group.
+    pub(super) fn hand_over(&mut self) -> (i64, bool) {
+        self.handed_over = true;
+        (self.pid, self.grouped)
     }
 
     pub(super) fn pid(&self) -> i64 {
@@ -255,7 +281,7 @@ impl GuestProcess {
 
 impl Drop for GuestProcess {
     fn drop(&mut self) {
-        if self.reaped {
+        if self.reaped || self.handed_over {
             return;
         }
         let (agent, pid, grouped) = (self.agent.clone(), self.pid, self.grouped);
