@@ -1,18 +1,22 @@
-//! `stillpoint recipe`: check a recipe (every problem, with `file:line:column`) and show the
-//! plan a workflow resolves to.
+//! `stillpoint recipe`: check a recipe (every problem, with `file:line:column`), show the
+//! plan a workflow resolves to, and run the two halves of its backup workflow as Velero's
+//! pre and post backup hooks (`recipe run --phase pre|post`, what `stillpoint annotations`
+//! writes for the application level).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
+use stillpoint_engine::recipe_phase::{self, Phase, PhaseEnv, PhaseReport};
 use stillpoint_recipe::diagnostic::has_errors;
 use stillpoint_recipe::{
     DiskInfo, PlanOptions, Platform, Severity, ValidateOptions, check_any_source, plan_workflow,
 };
 
 use crate::context::Context;
-use crate::output::{EXIT_ERROR, EXIT_OK, print_json};
+use crate::output::{EXIT_DEGRADED, EXIT_ERROR, EXIT_OK, print_json};
 
 #[derive(Debug, Args)]
 pub struct RecipeArgs {
@@ -27,6 +31,56 @@ pub enum RecipeCommand {
     Validate(ValidateArgs),
     /// Print the steps a workflow runs, with every default (timeouts, onError, essential) applied.
     Plan(PlanArgs),
+    /// Run half of a recipe's backup workflow, as a Velero backup hook: `--phase pre` runs the
+    /// steps before the capture and leaves the guest frozen for the platform's snapshot,
+    /// `--phase post` thaws and runs the rest.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "The pre phase runs the backup workflow's steps before its capture step \
+    (e.g. take and check a database lock, held by a background op), then freezes the guest and \
+    exits with the guest frozen and the background ops still running in the guest; their guest \
+    PIDs and the inverse ops still owed go to a state file under the runtime directory. A \
+    guardian thaws the guest after --unfreezeTimeoutSeconds if the post phase does not come. \
+    The post phase thaws first (always, even without a state file), then runs the steps after \
+    the capture step, ends the handed-over ops, and undoes what is owed if a step fails.\n\n\
+    Exit codes: 0 done; 1 a step failed or nothing could run (a failed pre phase has undone \
+    what it did); 3 (post) done, but the guest was no longer frozen when the post phase came, \
+    so the snapshot may not be application-consistent."
+)]
+pub struct RunArgs {
+    /// The recipe (its `backup` workflow).
+    pub file: PathBuf,
+    /// Which half: `pre` (steps before the capture, then freeze) or `post` (thaw, then the
+    /// steps after the capture).
+    #[arg(long, value_enum)]
+    pub phase: PhaseArg,
+    /// The VM (virt-freezer's and the annotations' `--name`).
+    #[arg(long, visible_alias = "vm", value_name = "VM")]
+    pub name: String,
+    /// Namespace (KubeVirt); not used on local platforms.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Pre: thaw automatically this many seconds after the freeze unless the post phase came
+    /// first.
+    #[arg(
+        long = "unfreezeTimeoutSeconds",
+        default_value_t = 300,
+        value_name = "N",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub unfreeze_timeout_seconds: u64,
+    /// Pre: how long the agent's freeze call may take.
+    #[arg(long = "freezeTimeoutSeconds", default_value_t = 60, value_name = "N")]
+    pub freeze_timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PhaseArg {
+    Pre,
+    Post,
 }
 
 #[derive(Debug, Args)]
@@ -69,7 +123,155 @@ pub async fn run(ctx: &Context, args: RecipeArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         RecipeCommand::Validate(args) => validate(ctx, args),
         RecipeCommand::Plan(args) => plan(ctx, args),
+        RecipeCommand::Run(args) => run_phase(ctx, args).await,
     }
+}
+
+async fn run_phase(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
+    if let Some(namespace) = &args.namespace {
+        tracing::debug!("--namespace {namespace} is not used on local platforms");
+    }
+    let vm = ctx.platforms().resolve(&args.name)?;
+    let env = PhaseEnv {
+        guard: ctx.guard_context()?,
+        runtime_root: ctx.runtime_root.clone(),
+        freeze_timeout: Duration::from_secs(args.freeze_timeout_seconds),
+        unfreeze_timeout: Duration::from_secs(args.unfreeze_timeout_seconds),
+    };
+    let recipe = match crate::commands::check::load_recipe(&args.file) {
+        Ok(recipe) => recipe,
+        Err(error) => {
+            if matches!(args.phase, PhaseArg::Post) {
+                // Thaw always, even when the recipe cannot be read.
+                let thawed = stillpoint_engine::freeze::unfreeze_vm(vm.as_ref(), &env.guard).await;
+                return Err(error.context(match thawed {
+                    Ok(outcome) => format!(
+                        "the post phase cannot run its steps (the guest was thawed first: {})",
+                        outcome_name(&outcome)
+                    ),
+                    Err(thaw) => format!(
+                        "the post phase cannot run its steps, and the thaw failed too ({:#})",
+                        anyhow::Error::new(thaw)
+                    ),
+                }));
+            }
+            return Err(error);
+        }
+    };
+    let report = match args.phase {
+        PhaseArg::Pre => recipe_phase::run_pre(vm, &recipe, &env)
+            .await
+            .with_context(|| format!("the pre phase of {} did not run", args.file.display()))?,
+        PhaseArg::Post => recipe_phase::run_post(vm, &recipe, &env).await,
+    };
+    if ctx.global.json {
+        print_json(&report)?;
+    } else {
+        print_phase(&report, &args);
+    }
+    Ok(ExitCode::from(
+        match (report.succeeded, &report.degraded_because) {
+            (true, None) => EXIT_OK,
+            (true, Some(_)) => EXIT_DEGRADED,
+            (false, _) => EXIT_ERROR,
+        },
+    ))
+}
+
+fn print_phase(report: &PhaseReport, args: &RunArgs) {
+    println!(
+        "Recipe {}, workflow {}, {} phase on VM {}:",
+        report.recipe.display(),
+        report.workflow.workflow,
+        report.phase,
+        report.vm
+    );
+    if let Some(thaw) = &report.thaw {
+        println!("  thaw: {}", outcome_name(thaw));
+    }
+    let steps = report.workflow.steps.iter().chain(&report.compensation);
+    for step in steps {
+        let mut detail: Vec<String> = Vec::new();
+        if let Some(ended) = &step.ended {
+            detail.push(format!("end: {}", ended.by));
+        }
+        if let Some(attempts) = step.attempts {
+            detail.push(format!("{attempts} attempt(s)"));
+        }
+        if let Some(output) = &step.output {
+            detail.push(output.clone());
+        }
+        if let Some(error) = &step.error {
+            detail.push(error.clone());
+        }
+        println!(
+            "  {:<12} {:<12} {} ({} ms){}",
+            serialized_name(&step.outcome),
+            serialized_name(&step.kind),
+            step.name,
+            step.duration.as_millis(),
+            if detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", detail.join("; "))
+            }
+        );
+    }
+    for adopted in &report.adopted {
+        println!(
+            "  handed-over  {} (guest pid {}) end: {}{}{}",
+            adopted.id,
+            adopted.pid,
+            adopted.ended.by,
+            if adopted.ended.killed { ", killed" } else { "" },
+            adopted
+                .ended
+                .error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(why) = &report.degraded_because {
+        println!("Degraded: {why}");
+    }
+    if !report.succeeded {
+        eprintln!(
+            "error: the {} phase failed: {}",
+            report.phase,
+            report.error.as_deref().unwrap_or("see the steps above")
+        );
+        return;
+    }
+    match report.phase {
+        Phase::Pre => println!(
+            "The guest is frozen with the application quiesced ({} background op(s) handed over; state in {}). Take the snapshot, then run `stillpoint recipe run {} --phase post --name {}`.",
+            report.handed_over.len(),
+            report.state_file.display(),
+            args.file.display(),
+            args.name
+        ),
+        Phase::Post => {
+            println!("The guest is thawed and the recipe's steps after the capture ran.")
+        }
+    }
+}
+
+/// The name of an unfreeze outcome as the JSON output writes it (`thawed`, `was-not-frozen`…).
+fn outcome_name(outcome: &stillpoint_engine::freeze::UnfreezeOutcome) -> String {
+    serde_json::to_value(outcome)
+        .ok()
+        .and_then(|v| v["outcome"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// A unit enum's name as the JSON output writes it (`timed-out`, `compensation`…), so the
+/// human and JSON outputs use the same words.
+fn serialized_name(value: &impl serde::Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn read(file: &PathBuf) -> anyhow::Result<String> {

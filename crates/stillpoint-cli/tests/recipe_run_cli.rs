@@ -1,0 +1,117 @@
+//! `stillpoint recipe run` without a VM: the commands `stillpoint annotations` writes into the
+//! Velero hooks are accepted as they are, a missing VM is an error naming it (exit 1, not a
+//! usage error), and the test recipes of `vm_application.rs` stay valid. The runs against a
+//! real guest are in `vm_application.rs`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn stillpoint(runtime: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+        .args(args)
+        .env("STILLPOINT_RUNTIME_DIR", runtime)
+        .env_remove("STILLPOINT_CONFIG")
+        .current_dir(workspace())
+        .output()
+        .expect("run stillpoint")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn the_annotations_hook_commands_run_as_recipe_run() {
+    let runtime = tempfile::tempdir().unwrap();
+    let recipe = workspace().join("examples/recipes/sqlite-demo.yaml");
+    let recipe = recipe.to_str().unwrap();
+    let output = stillpoint(
+        runtime.path(),
+        &[
+            "annotations",
+            "prod/demo-vm",
+            "--consistency",
+            "application",
+            "--recipe",
+            recipe,
+            "--recipe-in-pod",
+            recipe,
+            "--json",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let suggested: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    for hook in ["pre", "post"] {
+        let key = format!("{hook}.hook.backup.velero.io/command");
+        let argv: Vec<String> = serde_json::from_str(
+            suggested["annotations"][&key]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {key}: {suggested:#}")),
+        )
+        .expect("a JSON argv");
+        assert_eq!(argv[..3], ["stillpoint", "recipe", "run"], "{argv:?}");
+        let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+        // No such VM here: the command line is accepted, the VM is looked up and not found.
+        let run = stillpoint(runtime.path(), &args);
+        assert_eq!(run.status.code(), Some(1), "{hook}: {}", text(&run));
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(stderr.contains("unknown VM `demo-vm`"), "{hook}: {stderr}");
+    }
+}
+
+#[test]
+fn recipe_run_needs_a_phase_and_a_vm() {
+    let runtime = tempfile::tempdir().unwrap();
+    let recipe = "examples/recipes/sqlite-demo.yaml";
+    let no_vm = stillpoint(runtime.path(), &["recipe", "run", recipe, "--phase", "pre"]);
+    assert_eq!(no_vm.status.code(), Some(2), "{}", text(&no_vm));
+    let bad_phase = stillpoint(
+        runtime.path(),
+        &["recipe", "run", recipe, "--phase", "during", "--vm", "x"],
+    );
+    assert_eq!(bad_phase.status.code(), Some(2), "{}", text(&bad_phase));
+    let zero_timeout = stillpoint(
+        runtime.path(),
+        &[
+            "recipe",
+            "run",
+            recipe,
+            "--phase",
+            "pre",
+            "--vm",
+            "x",
+            "--unfreezeTimeoutSeconds",
+            "0",
+        ],
+    );
+    assert_eq!(
+        zero_timeout.status.code(),
+        Some(2),
+        "a freeze left for the platform must be bounded: {}",
+        text(&zero_timeout)
+    );
+}
+
+#[test]
+fn the_application_test_recipes_validate() {
+    let runtime = tempfile::tempdir().unwrap();
+    for recipe in ["sqlite-check-never-holds.yaml", "sqlite-op-timeout.yaml"] {
+        let path = format!("crates/stillpoint-cli/tests/recipes/{recipe}");
+        let output = stillpoint(runtime.path(), &["recipe", "validate", &path]);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("(0 warning(s))"),
+            "{}",
+            text(&output)
+        );
+    }
+}
