@@ -410,25 +410,27 @@ struct Carried {
     ended: Vec<AdoptedOp>,
 }
 
-enum Mode {
-    Pre {
-        frozen: Mutex<Option<FreezeOutcome>>,
-        handed: Mutex<Vec<HandedOver>>,
-        handover_errors: Mutex<Vec<String>>,
-    },
-    Post {
-        carried: tokio::sync::Mutex<Carried>,
-    },
+/// What the pre phase's runner records while the executor runs.
+#[derive(Default)]
+struct PreRecord {
+    frozen: Mutex<Option<FreezeOutcome>>,
+    handed: Mutex<Vec<HandedOver>>,
+    handover_errors: Mutex<Vec<String>>,
+}
+
+enum Mode<'m> {
+    Pre(&'m PreRecord),
+    Post(&'m tokio::sync::Mutex<Carried>),
 }
 
 /// The [`QemuStepRunner`] with the phase's differences: in the pre phase the capture is a
 /// freeze left in place and background ops still running at the end are handed over instead
 /// of ended; in the post phase a successful op settles what the pre phase left.
 struct PhaseRunner<'e> {
-    inner: QemuStepRunner,
+    inner: &'e QemuStepRunner,
     vm: Arc<dyn Vm>,
     env: &'e PhaseEnv,
-    mode: Mode,
+    mode: Mode<'e>,
 }
 
 impl PhaseRunner<'_> {
@@ -452,7 +454,7 @@ impl PhaseRunner<'_> {
             }
         };
         if let Some(adopted) = to_end {
-            let ended = end_adopted(&self.inner, &adopted, adopted.grace, format!("op {id}")).await;
+            let ended = end_adopted(self.inner, &adopted, adopted.grace, format!("op {id}")).await;
             carried.lock().await.ended.push(ended);
         }
     }
@@ -464,7 +466,7 @@ impl StepRunner for PhaseRunner<'_> {
 
     async fn exec(&self, request: &ExecRequest) -> Result<ExecOutcome> {
         let outcome = self.inner.exec(request).await?;
-        if let Mode::Post { carried } = &self.mode
+        if let Mode::Post(carried) = self.mode
             && outcome.succeeded()
         {
             self.settle(carried, &request.id).await;
@@ -485,26 +487,22 @@ impl StepRunner for PhaseRunner<'_> {
         handle: &BackgroundProcess,
         grace: Duration,
     ) -> Result<BackgroundEnd> {
-        let frozen_now = matches!(&self.mode, Mode::Pre { frozen, .. } if frozen.lock().expect("not poisoned").is_some());
-        if let Mode::Pre {
-            handed,
-            handover_errors,
-            ..
-        } = &self.mode
-            && frozen_now
+        if let Mode::Pre(record) = self.mode
+            && record.frozen.lock().expect("not poisoned").is_some()
         {
             // The workflow's end in the pre phase is the platform's snapshot, not the end of
             // the held sessions: leave them running for the post phase.
             match handle.hand_over().await {
                 Ok(over) => {
                     tracing::info!(vm = %self.vm_name(), step = %over.id, pid = over.pid, "background op handed over to the post phase");
-                    handed.lock().expect("not poisoned").push(over);
+                    record.handed.lock().expect("not poisoned").push(over);
                     return Ok(BackgroundEnd {
                         outcome: ExecOutcome::default(),
                         killed: false,
                     });
                 }
-                Err(error) => handover_errors
+                Err(error) => record
+                    .handover_errors
                     .lock()
                     .expect("not poisoned")
                     .push(error_chain(&error)),
@@ -514,7 +512,7 @@ impl StepRunner for PhaseRunner<'_> {
     }
 
     async fn capture(&self, step: &CaptureStep) -> Result<CaptureOutcome> {
-        let Mode::Pre { frozen, .. } = &self.mode else {
+        let Mode::Pre(record) = self.mode else {
             return Err(EngineError::new(
                 EngineErrorKind::Capture,
                 format!(
@@ -540,7 +538,7 @@ impl StepRunner for PhaseRunner<'_> {
         })?;
         let refusal = match &outcome {
             FreezeOutcome::Frozen { .. } => {
-                *frozen.lock().expect("not poisoned") = Some(outcome);
+                *record.frozen.lock().expect("not poisoned") = Some(outcome);
                 return Ok(CaptureOutcome {
                     disks: Vec::new(),
                     freeze: None,
@@ -700,31 +698,20 @@ pub async fn run_pre(vm: Arc<dyn Vm>, recipe: &RecipeInput, env: &PhaseEnv) -> R
     }
     let mut report = PhaseReport::new(&name, Phase::Pre, &recipe.path, path.clone());
     let plan = split.pre_plan();
+    let inner = runner_for(&vm);
+    let record = PreRecord::default();
     let runner = PhaseRunner {
-        inner: runner_for(&vm),
+        inner: &inner,
         vm: vm.clone(),
         env,
-        mode: Mode::Pre {
-            frozen: Mutex::new(None),
-            handed: Mutex::new(Vec::new()),
-            handover_errors: Mutex::new(Vec::new()),
-        },
+        mode: Mode::Pre(&record),
     };
     report.workflow = Executor::new(&runner, ExecOptions::default())
         .run(&plan)
         .await;
-    let Mode::Pre {
-        frozen,
-        handed,
-        handover_errors,
-    } = runner.mode
-    else {
-        unreachable!("built as the pre mode above")
-    };
-    let inner = runner.inner;
-    report.freeze = frozen.into_inner().expect("not poisoned");
-    report.handed_over = handed.into_inner().expect("not poisoned");
-    let handover_errors = handover_errors.into_inner().expect("not poisoned");
+    report.freeze = record.frozen.into_inner().expect("not poisoned");
+    report.handed_over = record.handed.into_inner().expect("not poisoned");
+    let handover_errors = record.handover_errors.into_inner().expect("not poisoned");
     let Some(FreezeOutcome::Frozen {
         auto_thaw_at_ms, ..
     }) = report.freeze.clone()
@@ -968,21 +955,16 @@ pub async fn run_post(vm: Arc<dyn Vm>, recipe: &RecipeInput, env: &PhaseEnv) -> 
             carried.enders.insert(exec.id.clone(), target.clone());
         }
     }
+    let carried = tokio::sync::Mutex::new(carried);
     let phase_runner = PhaseRunner {
-        inner: runner,
+        inner: &runner,
         vm: vm.clone(),
         env,
-        mode: Mode::Post {
-            carried: tokio::sync::Mutex::new(carried),
-        },
+        mode: Mode::Post(&carried),
     };
     report.workflow = Executor::new(&phase_runner, ExecOptions::default())
         .run(&plan)
         .await;
-    let Mode::Post { carried } = phase_runner.mode else {
-        unreachable!("built as the post mode above")
-    };
-    let runner = phase_runner.inner;
     let carried = carried.into_inner();
     report.adopted = carried.ended;
     if report.workflow.stopped_at.is_some() {

@@ -5,8 +5,8 @@
 //! point-in-time capture and thaws, and says what happened in a [`FreezeTrace`].
 //! [`GuardedCapture`] is that sequence with the guarded freeze ([`GuardedFreeze`]: a guardian
 //! thaws if this process dies) around any [`CaptureStart`]; [`FreezeOnlyCapture`] starts no
-//! capture at all (tests, and `stillpoint recipe run` hooks on KubeVirt where the platform
-//! captures).
+//! capture at all (tests). `stillpoint recipe run --phase pre`, where the platform captures
+//! after the process exits, leaves the guest frozen instead (`crate::recipe_phase`).
 
 use std::sync::Arc;
 use std::time::Duration;
