@@ -60,10 +60,36 @@ impl GuardContext {
         (path, lease)
     }
 
-    /// Writes the lease, starts its guardian and records the guardian's pid in it. On error
+    /// Writes the lease unless another live one is there: a lease another process still
+    /// holds, or whose guardian still watches, is never overwritten (that would silently end
+    /// its protection). A stale one (holder and guardian gone) is replaced.
+    fn claim(&self, path: &std::path::Path, lease: &Lease) -> Result<()> {
+        if let Some(other) = guardian::read_lease(path)?
+            && other.token != lease.token
+        {
+            let guardian_alive = other.guardian_pid.is_some_and(guardian::process_alive);
+            let holder_alive = other.watch_holder && guardian::process_alive(other.holder_pid);
+            if guardian_alive || holder_alive {
+                return Err(EngineError::guardian(format!(
+                    "VM `{}` is held by another freeze (lease {}, holder pid {}, guardian pid {}): \
+                     unfreeze it first, or wait until it ends",
+                    lease.vm,
+                    path.display(),
+                    other.holder_pid,
+                    other
+                        .guardian_pid
+                        .map(|pid| pid.to_string())
+                        .unwrap_or_else(|| "-".into())
+                )));
+            }
+        }
+        guardian::write_lease(path, lease)
+    }
+
+    /// Claims the lease, starts its guardian and records the guardian's pid in it. On error
     /// the lease is removed again.
     async fn start_guardian(&self, path: &std::path::Path, lease: &mut Lease) -> Result<()> {
-        guardian::write_lease(path, lease)?;
+        self.claim(path, lease)?;
         match self.guardian.spawn(path).await {
             Ok(pid) => lease.guardian_pid = Some(pid),
             Err(error) => {
@@ -199,7 +225,7 @@ async fn freeze_with_lease(
     );
     match unfreeze_timeout {
         Some(_) => guard.start_guardian(&lease_path, &mut lease).await?,
-        None => guardian::write_lease(&lease_path, &lease)?,
+        None => guard.claim(&lease_path, &lease)?,
     }
     let started = Instant::now();
     match agent.freeze(freeze_timeout).await {
@@ -502,7 +528,9 @@ pub struct PauseGuard {
 impl PauseGuard {
     /// Starts a guardian that resumes the VM if this process dies or outlives `hold_limit`.
     pub async fn start(vm: &dyn Vm, guard: &GuardContext, hold_limit: Duration) -> Result<Self> {
-        let (lease_path, mut lease) = guard.lease(vm, Some(hold_limit), false, true);
+        let (_, mut lease) = guard.lease(vm, Some(hold_limit), false, true);
+        // Its own lease file: a pause guard never touches the lease of a freeze.
+        let lease_path = guardian::pause_lease_path(&guard.runtime_root, &lease.vm);
         guard.start_guardian(&lease_path, &mut lease).await?;
         Ok(Self {
             lease_path,
@@ -530,4 +558,69 @@ fn agent_error(vm: &dyn Vm, what: &str, error: stillpoint_qga::Error) -> EngineE
         format!("VM `{}`: {what}", vm.reference()),
     )
     .with_source(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(root: &std::path::Path) -> GuardContext {
+        GuardContext {
+            runtime_root: root.to_path_buf(),
+            config: None,
+            guardian: GuardianCommand {
+                program: "/bin/false".into(),
+                args: vec![],
+            },
+        }
+    }
+
+    fn lease(token: &str, holder_pid: u32) -> Lease {
+        Lease {
+            vm: "demo".into(),
+            config: None,
+            runtime_root: "/r".into(),
+            token: token.into(),
+            holder_pid,
+            watch_holder: true,
+            frozen_at_ms: 0,
+            deadline_ms: None,
+            thaw_now: false,
+            guardian_pid: None,
+            thaw: true,
+            resume_if_paused: false,
+        }
+    }
+
+    #[test]
+    fn a_live_lease_of_another_freeze_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let guard = context(dir.path());
+        let path = guardian::lease_path(dir.path(), "demo");
+        // Held by a living process (this one), under another token.
+        guardian::write_lease(&path, &lease("theirs", std::process::id())).unwrap();
+        let error = guard
+            .claim(&path, &lease("ours", std::process::id()))
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("held by another freeze"),
+            "{error}"
+        );
+        assert_eq!(
+            guardian::read_lease(&path).unwrap().unwrap().token,
+            "theirs"
+        );
+    }
+
+    #[test]
+    fn a_stale_lease_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let guard = context(dir.path());
+        let path = guardian::lease_path(dir.path(), "demo");
+        guardian::write_lease(&path, &lease("dead", u32::MAX - 1)).unwrap();
+        guard
+            .claim(&path, &lease("ours", std::process::id()))
+            .unwrap();
+        assert_eq!(guardian::read_lease(&path).unwrap().unwrap().token, "ours");
+    }
 }

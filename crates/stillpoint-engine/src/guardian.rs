@@ -152,6 +152,12 @@ pub fn lease_path(runtime_root: &Path, vm: &str) -> PathBuf {
     runtime_root.join("leases").join(format!("{file}.json"))
 }
 
+/// Where the lease guarding a capture start's pause (no freeze) of a VM lives: apart from
+/// the freeze lease, so that guarding a pause never disturbs a freeze someone else holds.
+pub fn pause_lease_path(runtime_root: &Path, vm: &str) -> PathBuf {
+    lease_path(runtime_root, vm).with_extension("pause.json")
+}
+
 /// Reads a lease; `Ok(None)` when there is none.
 pub fn read_lease(path: &Path) -> Result<Option<Lease>> {
     match std::fs::read(path) {
@@ -466,6 +472,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = lease_path(dir.path(), "qemu:demo vm");
         assert!(path.ends_with("leases/qemu_demo_vm.json"));
+        assert!(pause_lease_path(dir.path(), "demo").ends_with("leases/demo.pause.json"));
         assert_eq!(read_lease(&path).unwrap(), None);
         write_lease(&path, &lease()).unwrap();
         assert_eq!(read_lease(&path).unwrap(), Some(lease()));
