@@ -21,9 +21,11 @@
 //! next `prepare` recovers.
 //!
 //! # Dirty bitmaps: no change is ever lost
-//! Each capture creates a new persistent bitmap named [`BITMAP_PREFIX`]`<capture id>` at its
-//! point in time; an incremental capture also stops its parent bitmap at that same instant
-//! and offers the parent's content as the disk's changes. At the end:
+//! Each capture creates a new bitmap named [`BITMAP_PREFIX`]`<capture id>` at its point in
+//! time — persistent where the image can store bitmaps ([`DiskInfo::persistent_bitmaps`]:
+//! qcow2 version 3), in the hypervisor's memory only otherwise (raw, qcow2 version 2); an
+//! incremental capture also stops its parent bitmap at that same instant and offers the
+//! parent's content as the disk's changes. At the end:
 //! - success: the parent is removed; the new bitmap (returned by `finish`, recorded in the
 //!   snapshot's manifest) holds every change since this capture's instant;
 //! - failure: the new bitmap is merged into the parent, the parent records again, the new
@@ -33,8 +35,13 @@
 //!   new" is equivalent for the changes kept, and keeps the name the manifest knows.)
 //!
 //! A parent bitmap is used only if it exists, is consistent (QEMU did not exit uncleanly since
-//! it was saved), is persistent, records, is not busy and the disk kept its size; otherwise the
-//! disk is captured in full and the reason ([`FullReason`]) goes into the report.
+//! it was saved), records, is not busy and the disk kept its size; otherwise the disk is
+//! captured in full and the reason ([`FullReason`]) goes into the report. Whether the parent is
+//! persistent does not matter: a bitmap that exists was created at the parent's instant, in
+//! this hypervisor process or (persistent) in an earlier one that closed the image cleanly,
+//! and has recorded every write since. A memory-only bitmap simply does not exist after a
+//! restart, so the incrementals of a raw or qcow2 v2 disk last as long as its QEMU process and
+//! the next capture after a restart is full ([`FullReason::BitmapMissing`] says why).
 //!
 //! # Reading
 //! [`CapturedDisk`] is shared (`Arc`) and its reads may run from many tasks or threads at once;
@@ -92,8 +99,15 @@ pub struct DiskInfo {
     pub virtual_size: u64,
     /// The image file.
     pub image: String,
-    /// The image format (`qcow2`; only qcow2 keeps bitmaps across restarts).
+    /// The image format: the driver of the disk node (`qcow2`, `raw`).
     pub format: String,
+    /// The format's version where it has one, as the hypervisor reports it: qcow2's `compat`
+    /// level (`0.10` is version 2, `1.1` version 3).
+    pub format_version: Option<String>,
+    /// Whether the image can store dirty bitmaps, so that they survive a clean restart of the
+    /// hypervisor (qcow2 version 3). Capture bitmaps of other images (raw, qcow2 version 2)
+    /// are kept in the hypervisor's memory: exact while its process lives, gone after.
+    pub persistent_bitmaps: bool,
     /// Bitmaps named with [`BITMAP_PREFIX`]; other bitmaps are not listed.
     pub bitmaps: Vec<BitmapHealth>,
 }
@@ -102,6 +116,16 @@ impl DiskInfo {
     /// The stillpoint bitmap `name`, if the disk has it.
     pub fn bitmap(&self, name: &str) -> Option<&BitmapHealth> {
         self.bitmaps.iter().find(|b| b.name == name)
+    }
+
+    /// The image's kind as users name it: `raw`, `qcow2 v2`, `qcow2 v3`.
+    pub fn image_kind(&self) -> String {
+        match (self.format.as_str(), self.format_version.as_deref()) {
+            ("qcow2", Some("0.10")) => "qcow2 v2".to_string(),
+            ("qcow2", Some("1.1")) => "qcow2 v3".to_string(),
+            ("qcow2", Some(compat)) => format!("qcow2 (compat {compat})"),
+            (format, _) => format.to_string(),
+        }
     }
 }
 
@@ -180,13 +204,18 @@ impl CaptureRequest {
 pub enum FullReason {
     /// No parent snapshot was named for the disk.
     NoParent,
-    /// The parent's bitmap does not exist (created after the hypervisor's last start and lost
-    /// in an unclean exit, removed, or never created on this VM).
-    BitmapMissing { bitmap: String },
+    /// The parent's bitmap does not exist. `memory_only` names the image kind (`raw`,
+    /// `qcow2 v2`) when the image cannot store bitmaps: the bitmap lived in the hypervisor's
+    /// memory and a restart of the hypervisor dropped it (or it was removed). Otherwise it was
+    /// created after the hypervisor's last start and lost in an unclean exit, removed, or
+    /// never created on this VM.
+    BitmapMissing {
+        bitmap: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory_only: Option<String>,
+    },
     /// The parent's bitmap was left inconsistent by an unclean exit; it is removed.
     BitmapInconsistent { bitmap: String },
-    /// The parent's bitmap would not survive a restart (the image is not qcow2).
-    BitmapNotPersistent { bitmap: String },
     /// The parent's bitmap does not record writes, so it misses changes.
     BitmapNotRecording { bitmap: String },
     /// The parent's bitmap is in use by another operation.
@@ -199,17 +228,24 @@ impl fmt::Display for FullReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FullReason::NoParent => write!(f, "no parent snapshot"),
-            FullReason::BitmapMissing { bitmap } => write!(
+            FullReason::BitmapMissing {
+                bitmap,
+                memory_only: None,
+            } => write!(
                 f,
                 "the parent's dirty bitmap `{bitmap}` is missing (lost in an unclean QEMU exit, or removed)"
+            ),
+            FullReason::BitmapMissing {
+                bitmap,
+                memory_only: Some(kind),
+            } => write!(
+                f,
+                "the parent's dirty bitmap `{bitmap}` is missing: the non-persistent bitmap of a \
+                 {kind} image is lost when QEMU restarts (or it was removed)"
             ),
             FullReason::BitmapInconsistent { bitmap } => write!(
                 f,
                 "the parent's dirty bitmap `{bitmap}` is inconsistent after an unclean QEMU exit"
-            ),
-            FullReason::BitmapNotPersistent { bitmap } => write!(
-                f,
-                "the parent's dirty bitmap `{bitmap}` is not persistent (image not qcow2)"
             ),
             FullReason::BitmapNotRecording { bitmap } => write!(
                 f,
@@ -392,7 +428,8 @@ pub fn bitmap_created_ms(name: &str) -> Option<u64> {
 }
 
 /// Full or incremental for `disk`, given the parent the engine asked for (pure; see the
-/// module doc for the rule).
+/// module doc for the rule). A parent bitmap that is not persistent is as good as one that is:
+/// if it exists, it has recorded every write since the parent's instant.
 pub fn decide_mode(disk: &DiskInfo, parent: Option<&ParentBitmap>) -> CaptureMode {
     let Some(parent) = parent else {
         return CaptureMode::Full {
@@ -401,9 +438,11 @@ pub fn decide_mode(disk: &DiskInfo, parent: Option<&ParentBitmap>) -> CaptureMod
     };
     let bitmap = parent.bitmap.clone();
     let reason = match disk.bitmap(&parent.bitmap) {
-        None => FullReason::BitmapMissing { bitmap },
+        None => FullReason::BitmapMissing {
+            bitmap,
+            memory_only: (!disk.persistent_bitmaps).then(|| disk.image_kind()),
+        },
         Some(b) if b.inconsistent => FullReason::BitmapInconsistent { bitmap },
-        Some(b) if !b.persistent => FullReason::BitmapNotPersistent { bitmap },
         Some(b) if !b.recording => FullReason::BitmapNotRecording { bitmap },
         Some(b) if b.busy => FullReason::BitmapBusy { bitmap },
         Some(_) if parent.disk_size != disk.virtual_size => FullReason::DiskResized {
@@ -454,7 +493,31 @@ mod tests {
             virtual_size: 256 << 20,
             image: "/vm/disk0.qcow2".into(),
             format: "qcow2".into(),
+            format_version: Some("1.1".into()),
+            persistent_bitmaps: true,
             bitmaps,
+        }
+    }
+
+    /// A disk whose image cannot store bitmaps, with its capture bitmaps in memory.
+    fn memory_only_disk(
+        format: &str,
+        version: Option<&str>,
+        bitmaps: Vec<BitmapHealth>,
+    ) -> DiskInfo {
+        let bitmaps = bitmaps
+            .into_iter()
+            .map(|b| BitmapHealth {
+                persistent: false,
+                ..b
+            })
+            .collect();
+        DiskInfo {
+            image: format!("/vm/disk0.{format}"),
+            format: format.into(),
+            format_version: version.map(Into::into),
+            persistent_bitmaps: false,
+            ..disk(bitmaps)
         }
     }
 
@@ -485,7 +548,10 @@ mod tests {
         );
         assert_eq!(
             decide_mode(&disk(vec![]), Some(&parent(b, size))),
-            full(FullReason::BitmapMissing { bitmap: b.into() })
+            full(FullReason::BitmapMissing {
+                bitmap: b.into(),
+                memory_only: None
+            })
         );
         let case = |change: fn(&mut BitmapHealth)| {
             let mut health = bitmap(b);
@@ -501,7 +567,10 @@ mod tests {
         );
         assert_eq!(
             case(|h| h.persistent = false),
-            full(FullReason::BitmapNotPersistent { bitmap: b.into() })
+            CaptureMode::Incremental {
+                parent_bitmap: b.into()
+            },
+            "a bitmap that exists has recorded every write, persistent or not"
         );
         assert_eq!(
             case(|h| h.recording = false),
@@ -519,6 +588,77 @@ mod tests {
                 now: 256 << 20
             })
         );
+    }
+
+    #[test]
+    fn a_memory_only_bitmap_serves_incrementals_while_it_exists_and_its_loss_is_explained() {
+        let b = "stillpoint-0000000000001-0000000a";
+        let size = 256 << 20;
+        for (format, version, kind) in [("raw", None, "raw"), ("qcow2", Some("0.10"), "qcow2 v2")] {
+            let live = memory_only_disk(format, version, vec![bitmap(b)]);
+            assert_eq!(live.image_kind(), kind);
+            assert_eq!(
+                decide_mode(&live, Some(&parent(b, size))),
+                CaptureMode::Incremental {
+                    parent_bitmap: b.into()
+                },
+                "{kind}: the bitmap exists in the running QEMU"
+            );
+            // Every other rule still holds for a memory-only bitmap.
+            let mut idle = live.clone();
+            idle.bitmaps[0].recording = false;
+            assert_eq!(
+                decide_mode(&idle, Some(&parent(b, size))),
+                full(FullReason::BitmapNotRecording { bitmap: b.into() })
+            );
+            let mut busy = live.clone();
+            busy.bitmaps[0].busy = true;
+            assert_eq!(
+                decide_mode(&busy, Some(&parent(b, size))),
+                full(FullReason::BitmapBusy { bitmap: b.into() })
+            );
+            assert!(matches!(
+                decide_mode(&live, Some(&parent(b, size / 2))),
+                CaptureMode::Full {
+                    reason: FullReason::DiskResized { .. }
+                }
+            ));
+            // After a restart of QEMU it is gone, and the reason says why.
+            let restarted = memory_only_disk(format, version, vec![]);
+            let mode = decide_mode(&restarted, Some(&parent(b, size)));
+            assert_eq!(
+                mode,
+                full(FullReason::BitmapMissing {
+                    bitmap: b.into(),
+                    memory_only: Some(kind.into())
+                })
+            );
+            let CaptureMode::Full { reason } = mode else {
+                unreachable!()
+            };
+            assert_eq!(
+                reason.to_string(),
+                format!(
+                    "the parent's dirty bitmap `{b}` is missing: the non-persistent bitmap of a \
+                     {kind} image is lost when QEMU restarts (or it was removed)"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn image_kinds_name_the_qcow2_version() {
+        let kind = |format: &str, version: Option<&str>| {
+            let mut info = disk(vec![]);
+            info.format = format.into();
+            info.format_version = version.map(Into::into);
+            info.image_kind()
+        };
+        assert_eq!(kind("qcow2", Some("1.1")), "qcow2 v3");
+        assert_eq!(kind("qcow2", Some("0.10")), "qcow2 v2");
+        assert_eq!(kind("qcow2", Some("2.0")), "qcow2 (compat 2.0)");
+        assert_eq!(kind("qcow2", None), "qcow2");
+        assert_eq!(kind("raw", None), "raw");
     }
 
     #[test]
@@ -543,11 +683,22 @@ mod tests {
         // The report serializes the reason with its facts.
         let json = serde_json::to_value(full(FullReason::BitmapMissing {
             bitmap: "stillpoint-y".into(),
+            memory_only: None,
         }))
         .unwrap();
         assert_eq!(
             json,
             serde_json::json!({"mode": "full", "reason": {"reason": "bitmap-missing", "bitmap": "stillpoint-y"}})
+        );
+        let json = serde_json::to_value(full(FullReason::BitmapMissing {
+            bitmap: "stillpoint-z".into(),
+            memory_only: Some("raw".into()),
+        }))
+        .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"mode": "full", "reason": {"reason": "bitmap-missing",
+                                "bitmap": "stillpoint-z", "memory_only": "raw"}})
         );
     }
 

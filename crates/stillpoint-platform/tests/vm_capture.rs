@@ -788,7 +788,10 @@ async fn after_a_qemu_crash_the_next_capture_is_full_and_says_why() {
     assert_eq!(
         mode,
         CaptureMode::Full {
-            reason: FullReason::BitmapMissing { bitmap: b1.clone() }
+            reason: FullReason::BitmapMissing {
+                bitmap: b1.clone(),
+                memory_only: None
+            }
         }
     );
     let mut started = prepared.start().await.unwrap();

@@ -16,18 +16,67 @@ pub const DEFAULT_DISK_SIZE: u64 = 256 * MIB;
 /// Default guest memory: the lab's figure, ~250 MiB of host memory per VM under TCG.
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
 
-/// One data disk: an ext4 file system on a fresh qcow2 image.
+/// One data disk: an ext4 file system on a fresh image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskSpec {
     /// Virtual size in bytes (a multiple of 512, at least 16 MiB).
     pub size: u64,
+    /// The image format.
+    pub format: DiskFormat,
+}
+
+/// The format of a data disk's image, and so of its `-blockdev` format node. Which one decides
+/// where QEMU can keep dirty bitmaps: only qcow2 version 3 stores them in the image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// qcow2 version 3 (`compat=1.1`, `qemu-img`'s default): stores persistent dirty bitmaps.
+    #[default]
+    Qcow2,
+    /// qcow2 version 2 (`compat=0.10`): QEMU cannot store dirty bitmaps in it.
+    Qcow2V2,
+    /// A plain raw file (sparse): no metadata at all, so no stored bitmaps either.
+    Raw,
+}
+
+impl DiskFormat {
+    /// The QEMU block driver of the format node (`-blockdev driver=…`; `DiskRecord::format`).
+    pub fn driver(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 | DiskFormat::Qcow2V2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+impl DiskSpec {
+    /// A qcow2 (version 3) disk of `size` bytes.
+    pub const fn qcow2(size: u64) -> Self {
+        Self {
+            size,
+            format: DiskFormat::Qcow2,
+        }
+    }
+
+    /// A qcow2 version 2 (`compat=0.10`) disk of `size` bytes.
+    pub const fn qcow2_v2(size: u64) -> Self {
+        Self {
+            size,
+            format: DiskFormat::Qcow2V2,
+        }
+    }
+
+    /// A raw disk of `size` bytes.
+    pub const fn raw(size: u64) -> Self {
+        Self {
+            size,
+            format: DiskFormat::Raw,
+        }
+    }
 }
 
 impl Default for DiskSpec {
     fn default() -> Self {
-        Self {
-            size: DEFAULT_DISK_SIZE,
-        }
+        Self::qcow2(DEFAULT_DISK_SIZE)
     }
 }
 
@@ -73,9 +122,16 @@ impl VmConfig {
         }
     }
 
-    /// `count` data disks of `size` bytes each.
+    /// `count` qcow2 data disks of `size` bytes each.
     pub fn with_disks(mut self, count: usize, size: u64) -> Self {
-        self.data_disks = vec![DiskSpec { size }; count];
+        self.data_disks = vec![DiskSpec::qcow2(size); count];
+        self
+    }
+
+    /// These data disks, in order (`vd0` first), e.g.
+    /// `[DiskSpec::raw(size), DiskSpec::qcow2_v2(size), DiskSpec::qcow2(size)]`.
+    pub fn with_data_disks(mut self, disks: impl IntoIterator<Item = DiskSpec>) -> Self {
+        self.data_disks = disks.into_iter().collect();
         self
     }
 
@@ -226,7 +282,8 @@ mod tests {
     #[test]
     fn defaults_are_the_demo_guest() {
         let config = VmConfig::new("demo");
-        assert_eq!(config.data_disks, [DiskSpec { size: 256 << 20 }]);
+        assert_eq!(config.data_disks, [DiskSpec::qcow2(256 << 20)]);
+        assert_eq!(config.data_disks[0].format.driver(), "qcow2");
         assert!(config.agent);
         assert_eq!(config.memory_mib, 256);
         assert!(config.validate().is_ok());

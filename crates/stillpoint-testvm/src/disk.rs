@@ -1,5 +1,6 @@
-//! Data disks: ext4 made by `mkfs.ext4` on a sparse raw file, converted to qcow2 (persistent
-//! dirty bitmaps, which incremental captures need, exist only in qcow2).
+//! Data disks: ext4 made by `mkfs.ext4` on a sparse raw file, kept as it is for a raw disk or
+//! converted to qcow2 (version 3 by default; version 2 on request, `compat=0.10`). Where the
+//! dirty bitmaps of a capture can live depends on it: only qcow2 version 3 stores them.
 //!
 //! A prefilled disk gets its data file from `mkfs.ext4 -d DIR` (which copies a host directory
 //! into the new file system): the file system stays valid and the guest sees a regular file,
@@ -9,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::config::{DiskSpec, VmConfig};
+use crate::config::{DiskFormat, DiskSpec, VmConfig};
 use crate::error::{Error, Result};
 use crate::paths::find_tool;
 use crate::tool;
@@ -63,8 +64,9 @@ fn write_pseudo_random(path: &Path, bytes: u64, seed: &str, index: usize) -> Res
     out.flush().map_err(|e| Error::io("write", path, e))
 }
 
-/// Creates `<dir>/disk<index>.qcow2`, a fresh ext4 file system of `spec.size` bytes, holding
-/// [`VmConfig::PREFILL_FILE`] when `prefill` says so.
+/// Creates `<dir>/disk<index>.qcow2` (or `.raw` for a raw disk), a fresh ext4 file system of
+/// `spec.size` bytes in `spec.format`, holding [`VmConfig::PREFILL_FILE`] when `prefill` says
+/// so.
 pub(crate) fn create_data_disk(
     dir: &Path,
     index: usize,
@@ -72,9 +74,7 @@ pub(crate) fn create_data_disk(
     prefill: Option<Prefill<'_>>,
 ) -> Result<PathBuf> {
     let mkfs = find_tool("mkfs.ext4", "e2fsprogs")?;
-    let qemu_img = find_tool("qemu-img", "qemu-utils")?;
     let raw = dir.join(format!("disk{index}.raw"));
-    let qcow2 = dir.join(format!("disk{index}.qcow2"));
     let content = dir.join(format!("disk{index}.content"));
     let file = std::fs::File::create(&raw).map_err(|e| Error::io("create", &raw, e))?;
     file.set_len(spec.size)
@@ -99,24 +99,35 @@ pub(crate) fn create_data_disk(
                 mkfs.arg("-d").arg(&content);
             }),
     };
-    let result = filled
-        .and_then(|()| {
-            tool::run(
-                mkfs.arg(&raw),
-                &format!("making the ext4 file system of data disk {index}"),
-            )
-        })
-        .and_then(|_| {
-            tool::run(
-                Command::new(qemu_img)
-                    .args(["convert", "-f", "raw", "-O", "qcow2"])
-                    .arg(&raw)
-                    .arg(&qcow2),
-                &format!("converting data disk {index} to qcow2"),
-            )
-        });
-    let _ = std::fs::remove_file(&raw);
+    let made = filled.and_then(|()| {
+        tool::run(
+            mkfs.arg(&raw),
+            &format!("making the ext4 file system of data disk {index}"),
+        )
+        .map(drop)
+    });
     let _ = std::fs::remove_dir_all(&content);
+    let compat = match spec.format {
+        DiskFormat::Raw => {
+            if made.is_err() {
+                let _ = std::fs::remove_file(&raw);
+            }
+            return made.map(|()| raw);
+        }
+        DiskFormat::Qcow2 => "compat=1.1",
+        DiskFormat::Qcow2V2 => "compat=0.10",
+    };
+    let qcow2 = dir.join(format!("disk{index}.qcow2"));
+    let result = made.and_then(|()| {
+        tool::run(
+            Command::new(find_tool("qemu-img", "qemu-utils")?)
+                .args(["convert", "-f", "raw", "-O", "qcow2", "-o", compat])
+                .arg(&raw)
+                .arg(&qcow2),
+            &format!("converting data disk {index} to qcow2 ({compat})"),
+        )
+    });
+    let _ = std::fs::remove_file(&raw);
     result?;
     Ok(qcow2)
 }
@@ -129,7 +140,7 @@ mod tests {
     #[test]
     fn prefilled_disk_holds_the_file_in_a_valid_file_system() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let spec = DiskSpec { size: 32 << 20 };
+        let spec = DiskSpec::qcow2(32 << 20);
         let prefill = Prefill::of(spec, 50, "vm-a").expect("50 % of 32 MiB");
         assert_eq!(prefill.bytes, 16 << 20);
         let path = create_data_disk(dir.path(), 0, spec, Some(prefill)).expect("create");
@@ -196,7 +207,7 @@ mod tests {
         assert_eq!(a0, read("a", 0), "deterministic");
         assert_ne!(a0, read("a", 1));
         assert_ne!(a0, read("b", 0));
-        assert_eq!(Prefill::of(DiskSpec { size: 16 << 20 }, 0, "a"), None);
+        assert_eq!(Prefill::of(DiskSpec::qcow2(16 << 20), 0, "a"), None);
     }
 
     #[test]
@@ -205,12 +216,65 @@ mod tests {
         assert_eq!(disk_label(2), "data2");
     }
 
+    /// `qemu-img info --output=json` of an image.
+    fn image_info(path: &Path) -> serde_json::Value {
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(path)
+            .output()
+            .expect("qemu-img info");
+        assert!(info.status.success(), "qemu-img info {}", path.display());
+        serde_json::from_slice(&info.stdout).expect("json")
+    }
+
+    /// Every format holds the same kind of file system; qemu-img reads the format (and the
+    /// qcow2 version) back from the image itself.
+    #[test]
+    fn raw_and_qcow2_v2_disks_are_made_in_their_format() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raw = create_data_disk(dir.path(), 0, DiskSpec::raw(32 << 20), None).expect("raw");
+        assert_eq!(raw, dir.path().join("disk0.raw"));
+        let v2 = create_data_disk(dir.path(), 1, DiskSpec::qcow2_v2(32 << 20), None).expect("v2");
+        assert_eq!(v2, dir.path().join("disk1.qcow2"));
+        assert!(
+            !dir.path().join("disk1.raw").exists(),
+            "the raw file is removed"
+        );
+        let v3 = create_data_disk(dir.path(), 2, DiskSpec::qcow2(32 << 20), None).expect("v3");
+
+        let info = image_info(&raw);
+        assert_eq!(info["format"], "raw");
+        assert_eq!(info["virtual-size"], 32 << 20);
+        assert!(
+            info["actual-size"].as_u64().expect("actual-size") < 16 << 20,
+            "the raw file stays sparse: {info}"
+        );
+        let info = image_info(&v2);
+        assert_eq!(info["format"], "qcow2");
+        assert_eq!(info["format-specific"]["data"]["compat"], "0.10");
+        assert_eq!(image_info(&v3)["format-specific"]["data"]["compat"], "1.1");
+        let (fsck, label) = (
+            Command::new("e2fsck")
+                .arg("-fn")
+                .arg(&raw)
+                .output()
+                .expect("e2fsck"),
+            Command::new("e2label").arg(&raw).output().expect("e2label"),
+        );
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        assert_eq!(String::from_utf8_lossy(&label.stdout).trim(), "data");
+    }
+
     /// Uses the real mkfs.ext4 and qemu-img (installed by scripts/install-deps.sh).
     #[test]
     fn data_disk_is_qcow2_with_ext4_of_the_requested_size() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path =
-            create_data_disk(dir.path(), 1, DiskSpec { size: 32 << 20 }, None).expect("create");
+            create_data_disk(dir.path(), 1, DiskSpec::qcow2(32 << 20), None).expect("create");
         assert_eq!(path, dir.path().join("disk1.qcow2"));
         assert!(
             !dir.path().join("disk1.raw").exists(),

@@ -58,7 +58,8 @@ mod wait;
 mod workload;
 
 pub use crate::config::{
-    DEFAULT_DISK_SIZE, DEFAULT_MEMORY_MIB, DiskSpec, MAX_DISKS, VmConfig, parse_disk_size,
+    DEFAULT_DISK_SIZE, DEFAULT_MEMORY_MIB, DiskFormat, DiskSpec, MAX_DISKS, VmConfig,
+    parse_disk_size,
 };
 pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::guest::{GuestImage, GuestManifest, GuestRecipe, RECIPE_VERSION};

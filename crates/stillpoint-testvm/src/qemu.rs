@@ -1,7 +1,8 @@
 //! The QEMU command line of a VM (pure: paths in, arguments out).
 //!
-//! Disks are `-blockdev` qcow2 nodes named `diskN` on `virtio-blk-pci` devices with ids `vdN`:
-//! the capture code addresses them by exactly these names. The guest agent channel exists
+//! Disks are `-blockdev` format nodes (qcow2, or raw when the disk's spec says so) named
+//! `diskN` on `virtio-blk-pci` devices with ids `vdN`: the capture code addresses them by
+//! exactly these names. The guest agent channel exists
 //! only when the agent is on.
 
 use std::path::{Path, PathBuf};
@@ -86,12 +87,23 @@ pub(crate) fn qemu_args(config: &VmConfig, files: &VmFiles, accel: Accel) -> Res
     push(&["-kernel", plain_path("kernel", &files.kernel)?]);
     push(&["-initrd", option_path("initramfs", &files.initrd)?]);
     push(&["-append", KERNEL_CMDLINE]);
-    for (index, disk) in files.disks.iter().enumerate() {
+    if files.disks.len() != config.data_disks.len() {
+        return Err(Error::invalid(
+            "data disks",
+            format!(
+                "{} image files for {} configured disks",
+                files.disks.len(),
+                config.data_disks.len()
+            ),
+        ));
+    }
+    for (index, (disk, spec)) in files.disks.iter().zip(&config.data_disks).enumerate() {
         // Written out (not a JSON map) to keep the documented key order; the file name is
         // JSON-escaped.
         let filename = serde_json::Value::from(plain_path("disk image", disk)?);
+        let driver = spec.format.driver();
         let blockdev = format!(
-            r#"{{"driver":"qcow2","node-name":"disk{index}","file":{{"driver":"file","filename":{filename}}}}}"#
+            r#"{{"driver":"{driver}","node-name":"disk{index}","file":{{"driver":"file","filename":{filename}}}}}"#
         );
         push(&["-blockdev", &blockdev]);
         let device = format!(
@@ -154,6 +166,7 @@ fn socket_path<'a>(what: &str, path: &'a Path) -> Result<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DiskSpec;
 
     fn files(dir: &str, disks: usize, agent: bool) -> VmFiles {
         let dir = PathBuf::from(dir);
@@ -231,6 +244,35 @@ mod tests {
                 "{joined}"
             );
         }
+    }
+
+    #[test]
+    fn each_disk_gets_the_driver_of_its_format() {
+        let config = VmConfig::new("x").with_data_disks([
+            DiskSpec::raw(64 << 20),
+            DiskSpec::qcow2_v2(64 << 20),
+            DiskSpec::qcow2(64 << 20),
+        ]);
+        let mut disk_files = files("/r", 3, true);
+        disk_files.disks[0] = PathBuf::from("/r/disk0.raw");
+        let args = qemu_args(&config, &disk_files, Accel::Tcg).expect("args");
+        let blockdevs: Vec<&String> = args
+            .iter()
+            .zip(args.iter().skip(1))
+            .filter(|(flag, _)| *flag == "-blockdev")
+            .map(|(_, value)| value)
+            .collect();
+        assert_eq!(
+            blockdevs,
+            [
+                r#"{"driver":"raw","node-name":"disk0","file":{"driver":"file","filename":"/r/disk0.raw"}}"#,
+                r#"{"driver":"qcow2","node-name":"disk1","file":{"driver":"file","filename":"/r/disk1.qcow2"}}"#,
+                r#"{"driver":"qcow2","node-name":"disk2","file":{"driver":"file","filename":"/r/disk2.qcow2"}}"#,
+            ]
+        );
+        let error =
+            qemu_args(&config, &files("/r", 2, true), Accel::Tcg).expect_err("a file per disk");
+        assert!(error.to_string().contains("2 image files for 3"), "{error}");
     }
 
     #[test]

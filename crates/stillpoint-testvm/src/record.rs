@@ -43,7 +43,7 @@ pub struct DiskRecord {
     pub node_name: String,
     /// The image file (absolute).
     pub path: PathBuf,
-    /// The image format (`qcow2`).
+    /// The image format: the driver of the format node (`qcow2`, `raw`).
     pub format: String,
     /// The disk's size as the guest sees it, in bytes.
     pub virtual_size: u64,

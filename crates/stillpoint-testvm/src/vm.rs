@@ -202,7 +202,7 @@ impl LaunchedVm {
                     device_id: format!("vd{index}"),
                     node_name: format!("disk{index}"),
                     path: path.clone(),
-                    format: "qcow2".to_owned(),
+                    format: spec.format.driver().to_owned(),
                     virtual_size: spec.size,
                 })
                 .collect(),

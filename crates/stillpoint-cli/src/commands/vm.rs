@@ -114,12 +114,7 @@ pub async fn run(ctx: &Context, args: VmArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_vm(ctx: &Context, root: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut config = VmConfig::new(&args.name);
-    config.data_disks = vec![
-        DiskSpec {
-            size: args.disk_size
-        };
-        args.disks
-    ];
+    config.data_disks = vec![DiskSpec::qcow2(args.disk_size); args.disks];
     config.agent = !args.no_agent;
     config.qga_args = args.qga_args;
     config.memory_mib = args.memory;

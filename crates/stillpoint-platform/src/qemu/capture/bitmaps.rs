@@ -16,9 +16,11 @@ pub enum Settle {
     Failure,
 }
 
-/// The `start` transaction: per disk, the new bitmap starts recording (persistent on qcow2,
-/// the only format that keeps bitmaps) and the parent of an incremental stops — at the same
-/// instant for every disk.
+/// The `start` transaction: per disk, the new bitmap starts recording and the parent of an
+/// incremental stops — at the same instant for every disk. The new bitmap is persistent only
+/// where the image can store it (qcow2 v3): QEMU refuses `persistent` on a raw or qcow2 v2
+/// node, and that refusal would fail the whole transaction. On those images it lives in
+/// QEMU's memory, exact for as long as the process runs.
 pub fn rotation(disks: &[PlannedDisk]) -> Vec<Action> {
     let mut actions = Vec::new();
     for disk in disks {
@@ -26,7 +28,7 @@ pub fn rotation(disks: &[PlannedDisk]) -> Vec<Action> {
         actions.push(Action::bitmap_add(
             node,
             &disk.new_bitmap,
-            disk.disk.format == "qcow2",
+            disk.disk.persistent_bitmaps,
         ));
         if let CaptureMode::Incremental { parent_bitmap } = &disk.mode {
             actions.push(Action::bitmap_disable(node, parent_bitmap));
@@ -56,12 +58,10 @@ pub fn settlement(
                 Some(new.clone())
             }
             (CaptureMode::Full { reason }, Settle::Success) => {
-                // A parent that exists but could not serve this disk any more (resized, not
-                // persistent) is superseded by the new bitmap; others' bitmaps (busy, not
-                // recording) are left alone.
-                if let FullReason::DiskResized { bitmap, .. }
-                | FullReason::BitmapNotPersistent { bitmap } = reason
-                {
+                // A parent that exists but could not serve this disk any more (resized) is
+                // superseded by the new bitmap; others' bitmaps (busy, not recording) are left
+                // alone.
+                if let FullReason::DiskResized { bitmap, .. } = reason {
                     actions.push(Action::bitmap_remove(node, bitmap));
                 }
                 Some(new.clone())
@@ -104,6 +104,8 @@ mod tests {
                 virtual_size: 64 << 20,
                 image: format!("/vm/{node}.qcow2"),
                 format: "qcow2".into(),
+                format_version: Some("1.1".into()),
+                persistent_bitmaps: true,
                 bitmaps: vec![],
             },
             mode,
@@ -127,11 +129,30 @@ mod tests {
         serde_json::to_value(actions).unwrap()
     }
 
+    /// `planned` on an image that cannot store bitmaps (raw, qcow2 v2).
+    fn memory_only(
+        id: &str,
+        node: &str,
+        format: &str,
+        version: Option<&str>,
+        mode: CaptureMode,
+    ) -> PlannedDisk {
+        let mut disk = planned(id, node, mode);
+        disk.disk.format = format.into();
+        disk.disk.format_version = version.map(Into::into);
+        disk.disk.persistent_bitmaps = false;
+        disk
+    }
+
     #[test]
     fn the_start_transaction_adds_every_new_bitmap_and_stops_every_parent() {
-        let mut raw = planned("vd1", "disk1", full(FullReason::NoParent));
-        raw.disk.format = "raw".into();
-        let disks = [planned("vd0", "disk0", incremental()), raw];
+        let disks = [
+            planned("vd0", "disk0", incremental()),
+            memory_only("vd1", "disk1", "raw", None, full(FullReason::NoParent)),
+            memory_only("vd2", "disk2", "qcow2", Some("0.10"), incremental()),
+        ];
+        // Persistent only on the qcow2 v3 image; the parent of an incremental on a raw or
+        // qcow2 v2 image (itself in memory) stops like any other.
         assert_eq!(
             wire(&rotation(&disks)),
             json!([
@@ -140,8 +161,33 @@ mod tests {
                 {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "P"}},
                 {"type": "block-dirty-bitmap-add",
                  "data": {"node": "disk1", "name": "N", "persistent": false}},
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": "disk2", "name": "N", "persistent": false}},
+                {"type": "block-dirty-bitmap-disable", "data": {"node": "disk2", "name": "P"}},
             ])
         );
+    }
+
+    #[test]
+    fn memory_only_bitmaps_settle_like_persistent_ones() {
+        let disks = [memory_only("vd0", "disk0", "raw", None, incremental())];
+        let (actions, tracking) = settlement(&disks, Settle::Success);
+        assert_eq!(
+            wire(&actions),
+            json!([{"type": "block-dirty-bitmap-remove", "data": {"node": "disk0", "name": "P"}}])
+        );
+        assert_eq!(tracking["vd0"].as_deref(), Some("N"));
+        let (actions, tracking) = settlement(&disks, Settle::Failure);
+        assert_eq!(
+            wire(&actions),
+            json!([
+                {"type": "block-dirty-bitmap-merge",
+                 "data": {"node": "disk0", "target": "P", "bitmaps": ["N"]}},
+                {"type": "block-dirty-bitmap-enable", "data": {"node": "disk0", "name": "P"}},
+                {"type": "block-dirty-bitmap-remove", "data": {"node": "disk0", "name": "N"}},
+            ])
+        );
+        assert_eq!(tracking["vd0"].as_deref(), Some("P"));
     }
 
     #[test]

@@ -19,7 +19,9 @@
 //! `start` (the guest is frozen): `query-status` + `query-block` (every device must still
 //! have its disk node: `qom-set` of the node already attached aborts QEMU), then, for a
 //! running VM, add the pause marker and `stop`; one `transaction` (per disk: add the new
-//! persistent bitmap, disable the parent); `qom-set <device> drive sp-cbw-<node>` for every
+//! bitmap — persistent where the image can store it, qcow2 v3; in QEMU's memory on raw and
+//! qcow2 v2 images, which refuse persistent ones — and disable the parent);
+//! `qom-set <device> drive sp-cbw-<node>` for every
 //! disk — this is the point in time; `cont` (only if the VM ran before: a paused VM is never
 //! resumed). Any error after `stop` resumes the VM first, then rolls back.
 //!
@@ -30,6 +32,11 @@
 //!
 //! `finish`: the clean-up order of [`cleanup`], then one bitmap transaction (see
 //! [`crate::capture`]).
+//!
+//! The disk node may be any format node QEMU reads (qcow2 of either version, raw): the filter,
+//! the scratch image and `snapshot-access` sit above it and do not depend on its format; only
+//! where the bitmaps live does (the image's version is read from QEMU, never from the file
+//! name).
 //!
 //! # Guardian contract
 //! A stillpoint that dies between `stop` and `cont` leaves the VM paused with the node
