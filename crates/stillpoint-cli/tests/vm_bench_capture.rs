@@ -30,6 +30,9 @@ fn bench_capture_measures_ours_and_the_naive_sequence_for_every_configuration() 
             "1",
             "--copy-rounds",
             "1",
+            // One writer loop over both disks of the second configuration.
+            "--writer-on",
+            "all-disks",
             "--workdir",
         ])
         .arg(work.path())
@@ -44,6 +47,7 @@ fn bench_capture_measures_ours_and_the_naive_sequence_for_every_configuration() 
     let report: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
     assert_eq!(report["rounds"], 1);
+    assert_eq!(report["writer_on"], "all-disks");
     let configs = report["configs"].as_array().expect("configs");
     let disk_counts: Vec<u64> = configs
         .iter()

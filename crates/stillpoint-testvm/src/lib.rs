@@ -82,5 +82,5 @@ pub use crate::workload::{
     WriterSample, highest_mark, lockstep_block, lockstep_writer_script, newest_lockstep_block,
     parse_sqlite_journal_header, parse_sqlite_scan, parse_writer_samples, record,
     record_writer_script, scan_records, scan_sqlite_database, sqlite_check_value, sqlite_scan_sql,
-    stall_writer_script,
+    stall_writer_script, stall_writer_script_over,
 };

@@ -33,6 +33,27 @@ pub fn stall_writer_script(path: &str) -> String {
     )
 }
 
+/// The stall writer over several files, one per disk: a single loop appends to each file in
+/// turn, so one writer meets every file system's freeze (the agent freezes them one after the
+/// other), and reports each append with the file's index in `paths`:
+/// `stillpoint-writer SEQ START_NS END_NS INDEX` (SEQ counts appends, not loops;
+/// [`parse_writer_samples`] reads these lines too). The paths are quoted for the shell.
+pub fn stall_writer_script_over(paths: &[&str]) -> String {
+    let quoted: Vec<String> = paths
+        .iter()
+        .map(|p| format!("'{}'", p.replace('\'', "'\\''")))
+        .collect();
+    format!(
+        "i=0; while :; do t=0; for f in {}; do i=$((i+1)); \
+         {{ read l; read l; read _ _ a _; }} < /proc/timer_list; \
+         echo \"$i\" >> \"$f\"; \
+         {{ read l; read l; read _ _ b _; }} < /proc/timer_list; \
+         echo \"{WRITER_MARK} $i $a $b $t\" > /dev/console; \
+         t=$((t+1)); done; done",
+        quoted.join(" ")
+    )
+}
+
 /// One completed write of the stall writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterSample {
@@ -70,9 +91,19 @@ impl LaunchedVm {
     /// Starts the stall writer in the guest (in the background, through the agent) appending
     /// to `path`, and waits until its first writes are reported.
     pub async fn start_stall_writer(&self, path: &str) -> Result<()> {
+        self.start_writer_script(stall_writer_script(path)).await
+    }
+
+    /// Starts [`stall_writer_script_over`] `paths` like [`Self::start_stall_writer`].
+    pub async fn start_stall_writer_over(&self, paths: &[&str]) -> Result<()> {
+        self.start_writer_script(stall_writer_script_over(paths))
+            .await
+    }
+
+    async fn start_writer_script(&self, script: String) -> Result<()> {
         let arguments = serde_json::json!({
             "path": "sh",
-            "arg": ["-c", stall_writer_script(path)],
+            "arg": ["-c", script],
         });
         self.agent_command("guest-exec", Some(arguments), Duration::from_secs(10))
             .await?;
@@ -694,6 +725,29 @@ mod tests {
         assert!(
             !between.contains("$("),
             "no command substitution (a fork) inside the timed part"
+        );
+    }
+
+    #[test]
+    fn a_writer_over_several_files_quotes_them_and_reports_like_the_single_one() {
+        let script = stall_writer_script_over(&["/data/stall", "/data1/it's"]);
+        assert!(
+            script.contains("for f in '/data/stall' '/data1/it'\\''s';"),
+            "{script}"
+        );
+        let between =
+            &script[script.find("read _ _ a").unwrap()..script.find("read _ _ b").unwrap()];
+        assert!(between.contains("echo \"$i\" >> \"$f\""));
+        assert!(!between.contains("$("), "no fork inside the timed part");
+        // The index is an extra field: the usual parser reads these lines.
+        let console = "stillpoint-writer 1 100 350 0\nstillpoint-writer 2 400 900 1\n";
+        let latencies: Vec<Duration> = parse_writer_samples(console)
+            .iter()
+            .map(WriterSample::latency)
+            .collect();
+        assert_eq!(
+            latencies,
+            [Duration::from_nanos(250), Duration::from_nanos(500)]
         );
     }
 

@@ -90,9 +90,21 @@ pub struct CaptureBenchArgs {
     /// Rounds of the copy phase (full, 1 % incremental, backup-image), at most --rounds.
     #[arg(long, default_value_t = 3)]
     pub copy_rounds: usize,
+    /// Where the stall writer appends: `data` — /data only (the first disk); `all-disks` — one
+    /// loop appending to a file on every data disk in turn, so it also meets the file systems
+    /// the agent freezes first and thaws last.
+    #[arg(long, value_enum, default_value_t = WriterOn::Data)]
+    pub writer_on: WriterOn,
     /// Working directory, kept short (default: a fresh directory under /var/tmp, removed after).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WriterOn {
+    Data,
+    AllDisks,
 }
 
 /// One (disk count, disk size) configuration.
@@ -309,6 +321,7 @@ struct CopyResult {
 #[derive(Debug, Serialize)]
 struct BenchResult {
     accel: String,
+    writer_on: WriterOn,
     rounds: usize,
     fill_percent: u8,
     naive_copy: &'static str,
@@ -352,6 +365,7 @@ pub async fn run(ctx: &Context, args: CaptureBenchArgs) -> anyhow::Result<ExitCo
         }
     }
     let result = BenchResult {
+        writer_on: args.writer_on,
         accel: stillpoint_testvm::Accel::from_env()
             .map(|a| format!("{a:?}").to_lowercase())
             .unwrap_or_else(|_| "unknown".into()),
@@ -481,7 +495,21 @@ impl Bench<'_> {
             None
         };
 
-        target.vm.start_stall_writer("/data/stall").await?;
+        // With `all-disks`, one loop over a file on every data disk: the agent freezes the file
+        // systems one after the other (the last mounted first), and a writer on /data alone
+        // meets only the last one frozen and first thawed.
+        let writers = match self.args.writer_on {
+            WriterOn::Data => 1,
+            WriterOn::AllDisks => shape.disks,
+        };
+        let files: Vec<String> = (0..writers)
+            .map(|i| match i {
+                0 => "/data/stall".to_string(),
+                i => format!("/data{i}/stall"),
+            })
+            .collect();
+        let files: Vec<&str> = files.iter().map(String::as_str).collect();
+        target.vm.start_stall_writer_over(&files).await?;
         let from = target.watch.last_seq();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let baseline: Vec<Duration> = target
@@ -1203,7 +1231,11 @@ fn print_report(result: &BenchResult) {
         result.fill_percent
     );
     println!(
-        "writer stall = the longest append of a writer in the guest during the operation (ms, median / max)"
+        "writer stall = the longest append of a writer in the guest during the operation (ms, median / max); the writer appends to {}",
+        match result.writer_on {
+            WriterOn::Data => "/data (the first disk)",
+            WriterOn::AllDisks => "a file on every data disk in turn",
+        }
     );
     println!("naive = {}", result.naive_copy);
     println!();
