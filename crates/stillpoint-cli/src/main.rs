@@ -65,7 +65,8 @@ enum Command {
     BackupImage(commands::backup_image::BackupImageArgs),
     /// Benchmarks that print ratios against peers measured in the same run.
     Bench(commands::bench::BenchArgs),
-    /// The embedded default: boot the demo VM, check it, freeze and thaw it, report.
+    /// The embedded default: back up the demo VM at every level while workloads run in it,
+    /// restore, verify from the host, boot-test, and print what it proved.
     Demo(commands::demo::DemoArgs),
     /// Internal: the freeze guardian process (started by `freeze` and `backup`).
     #[command(hide = true, name = "__guardian")]
