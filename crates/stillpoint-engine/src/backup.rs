@@ -250,7 +250,18 @@ async fn freeze_and_start(
         None
     };
     let began = Instant::now();
-    attempt.started = Some(prepared.start().await);
+    attempt.started = Some(match failpoints::check(failpoints::CAPTURE_START) {
+        Ok(()) => prepared.start().await,
+        // As a start that QEMU refused: everything prepared is released, no bitmap changed.
+        Err(injected) => {
+            abort(prepared).await;
+            Err(stillpoint_platform::PlatformError::new(
+                stillpoint_platform::PlatformErrorKind::Capture,
+                "the capture did not start",
+            )
+            .with_source(injected))
+        }
+    });
     attempt.start = Some(Span::since(began));
     if let Some(guard) = pause_guard {
         guard.release();

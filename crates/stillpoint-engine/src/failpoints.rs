@@ -19,12 +19,16 @@ use crate::error::Result;
 
 /// In the frozen window: after the guarded freeze returned, before the capture starts.
 pub const AFTER_FREEZE: &str = "backup::after-freeze";
+/// Just before the capture start (after the freeze and `AFTER_FREEZE` when the level freezes):
+/// `return` makes the start fail as a real one does (QEMU refusing the transaction) — the
+/// capture is released, the guest thawed, a recipe's inverse ops run, nothing is published.
+pub const CAPTURE_START: &str = "backup::capture-start";
 /// Before each disk's copy into the repository (after the export, so the capture is
 /// started, its bitmaps rotated and its NBD export open).
 pub const DURING_COPY: &str = "backup::during-copy";
 
 /// Every point, for documentation and tests.
-pub const ALL: [&str; 2] = [AFTER_FREEZE, DURING_COPY];
+pub const ALL: [&str; 3] = [AFTER_FREEZE, CAPTURE_START, DURING_COPY];
 
 /// A point that may delay (`pause`, `sleep`) but not fail: where an early return would skip
 /// a step that must run (the thaw after a freeze). `return` is ignored here, with a warning.
@@ -99,6 +103,14 @@ mod tests {
         // `return` cannot skip the thaw: the delay-only point ignores it.
         fail::cfg(AFTER_FREEZE, "return").unwrap();
         delay(AFTER_FREEZE);
+
+        // The capture start fails with the injected error as its cause.
+        assert!(check(CAPTURE_START).is_ok());
+        fail::cfg(CAPTURE_START, "return").unwrap();
+        assert_eq!(
+            check(CAPTURE_START).unwrap_err().to_string(),
+            "fault injected at failpoint backup::capture-start"
+        );
 
         scenario.teardown();
     }

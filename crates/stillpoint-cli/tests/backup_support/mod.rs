@@ -11,6 +11,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
+use stillpoint_platform::capture::{Capture, CaptureInventory};
+use stillpoint_platform::qemu::QemuInventory;
+use stillpoint_platform::qemu::capture::QemuCapture;
 use stillpoint_qga::FreezeStatus;
 use stillpoint_testvm::{LaunchedVm, VmConfig, probe, wait_until};
 
@@ -192,6 +195,19 @@ impl Bench {
         .await
         .expect("query-status");
         status["status"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// What the capture driver sees of the VM now, on a fresh monitor connection (closed
+    /// again before this returns): its disks with their format, bitmap storage and stillpoint
+    /// bitmaps, and any leftovers of a capture.
+    pub async fn capture_inventory(&self) -> CaptureInventory {
+        let spec = QemuInventory::new(Vec::new(), self.root.clone())
+            .find(self.name())
+            .expect("the VM is in its runtime root");
+        QemuCapture::for_spec(&spec)
+            .inspect()
+            .await
+            .expect("the capture driver reads QEMU's block state")
     }
 
     /// One QMP command without arguments on a fresh connection.
