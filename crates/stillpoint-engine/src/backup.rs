@@ -41,10 +41,11 @@ use tokio::sync::Mutex;
 use crate::capture_source::CapturedDiskSource;
 use crate::consistency::{self, Indication, Level, OnQuiesceFailure, RecipeFacts};
 use crate::coverage;
+use crate::error::error_chain;
 use crate::error::{EngineError, EngineErrorKind, Result};
 use crate::failpoints;
 use crate::freeze::{FreezeWindow, GuardContext, GuardedFreeze, PauseGuard};
-use crate::preflight::{self, error_chain};
+use crate::preflight;
 use crate::recipe_runner::{CaptureHook, QemuStepRunner};
 use crate::report::{BackupReport, CaptureTiming, DiskReport, ParentTracking, StepLog, ms};
 

@@ -17,9 +17,9 @@ use serde::Serialize;
 use stillpoint_platform::{GuestAgent, RunState, Vm};
 use stillpoint_qga::{DisabledReason, ErrorKind as AgentErrorKind, FreezeStatus};
 
+use crate::error::error_chain;
 use crate::error::{EngineError, EngineErrorKind, Result};
 use crate::guardian::{self, GuardianCommand, Lease, ThawAttempt};
-use crate::preflight::error_chain;
 
 /// Where leases live and how to start a guardian; the same for every freeze of one process.
 #[derive(Debug, Clone)]

@@ -11,6 +11,7 @@ use stillpoint_qga::{ExecRequest, FreezeStatus};
 use crate::consistency::{
     AgentFacts, GuestFilesystem, GuestOs, Preflight, ReachableAgent, RecipeFacts,
 };
+use crate::error::error_chain;
 
 /// How long a preflight guest command may take (it only reads `/proc` and `/sys`).
 const GUEST_READ_LIMIT: Duration = Duration::from_secs(10);
@@ -203,18 +204,6 @@ fn unescape_mount_field(field: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// An agent error with its causes, on one line (for facts shown to users).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

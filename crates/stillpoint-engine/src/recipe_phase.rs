@@ -63,9 +63,9 @@ use stillpoint_recipe::{
 use tokio::time::Instant;
 
 use crate::backup::RecipeInput;
+use crate::error::error_chain;
 use crate::error::{EngineError, EngineErrorKind, Result};
 use crate::freeze::{self, FreezeOutcome, GuardContext, UnfreezeOutcome};
-use crate::preflight::error_chain;
 use crate::recipe_runner::{BackgroundProcess, CaptureHook, HandedOver, QemuStepRunner};
 
 /// The workflow the phases split (the one Velero's backup hooks stand for).

@@ -42,7 +42,7 @@ pub use self::boot_test::{BootFilesystem, BootTestReport, BootTestRequest, boot_
 pub use self::rewrite::{
     BootAccel, ExternalFile, RewrittenDefinition, TargetDisk, for_boot_test, rewrite_definition,
 };
-use crate::error::{EngineError, EngineErrorKind, Result};
+use crate::error::{EngineError, EngineErrorKind, Result, error_chain};
 
 /// The rewritten definition, beside the disks.
 pub const DEFINITION_FILE: &str = "vm-definition.json";
@@ -611,18 +611,6 @@ fn write_staged(dir: &Path, name: &str, bytes: &[u8], executable: bool) -> std::
         .open(dir.join(name))?;
     file.write_all(bytes)?;
     file.sync_all()
-}
-
-/// An error and its causes on one line (for notes, which have no chain).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -15,9 +15,9 @@ use async_trait::async_trait;
 use stillpoint_platform::Vm;
 use stillpoint_recipe::{CaptureOutcome, FreezeTrace};
 
+use crate::error::error_chain;
 use crate::error::{EngineError, EngineErrorKind, Result};
 use crate::freeze::{GuardContext, GuardedFreeze};
-use crate::preflight::error_chain;
 
 /// Freezes (when asked), starts the capture of `disks`, thaws — one call, so nothing can run
 /// in between. Implementations must thaw on every path they froze on and report it in the
