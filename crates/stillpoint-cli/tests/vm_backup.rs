@@ -559,3 +559,31 @@ async fn vm_without_agent_is_crash_consistent_and_fail_policy_publishes_nothing(
     assert!(error.contains("nothing was backed up"), "{error}");
     assert_eq!(bench.snapshots().len(), 1, "nothing was published");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_full_backups_leave_one_dirty_bitmap_per_disk() {
+    // A full backup (`--full`, a new repository, a lost parent) starts a new bitmap; the
+    // superseded ones must go, or every guest write would be recorded in all of them forever.
+    let bench = Bench::boot(VmConfig::new("bk-bitmaps").with_disks(2, 64 * MIB)).await;
+    for round in 0..3 {
+        let args: &[&str] = if round == 0 { &[] } else { &["--full"] };
+        let (code, report, output) = bench.backup(args);
+        assert_eq!(code, Some(0), "{}", text(&output));
+        assert_eq!(disk(&report, "vd0")["mode"], "full", "{report:#}");
+    }
+    let (code, report, output) = bench.backup(&[]);
+    assert_eq!(code, Some(0), "{}", text(&output));
+    assert_eq!(disk(&report, "vd0")["mode"], "incremental", "{report:#}");
+    let tracking = disk(&report, "vd0")["bitmap"].as_str().unwrap().to_string();
+    let inventory = bench.capture_inventory().await;
+    for info in &inventory.disks {
+        let names: Vec<&str> = info.bitmaps.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names.len(), 1, "disk {}: {names:?}", info.id);
+        assert!(info.bitmaps[0].recording);
+    }
+    let vd0 = inventory.disks.iter().find(|d| d.id == "vd0").unwrap();
+    assert_eq!(
+        vd0.bitmaps[0].name, tracking,
+        "the one left is the one the manifest records"
+    );
+}

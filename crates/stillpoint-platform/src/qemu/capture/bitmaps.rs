@@ -53,16 +53,14 @@ pub fn settlement(
                 Some(parent_bitmap.clone())
             }
             (CaptureMode::Full { .. }, Settle::Untouched) => None,
-            (CaptureMode::Incremental { parent_bitmap }, Settle::Success) => {
-                actions.push(Action::bitmap_remove(node, parent_bitmap));
-                Some(new.clone())
-            }
-            (CaptureMode::Full { reason }, Settle::Success) => {
-                // A parent that exists but could not serve this disk any more (resized) is
-                // superseded by the new bitmap; others' bitmaps (busy, not recording) are left
-                // alone.
-                if let FullReason::DiskResized { bitmap, .. } = reason {
-                    actions.push(Action::bitmap_remove(node, bitmap));
+            (_, Settle::Success) => {
+                // The new bitmap now tracks every change since this capture: every older
+                // stillpoint bitmap on the disk is superseded (the parent, a parent that could
+                // not serve a resized disk, the bitmap a full backup started over from). Left
+                // alone they would record every guest write forever. Busy ones belong to a
+                // running operation, and those `prepare` removed are gone already.
+                for old in superseded(disk) {
+                    actions.push(Action::bitmap_remove(node, old));
                 }
                 Some(new.clone())
             }
@@ -86,6 +84,32 @@ pub fn settlement(
         tracking.insert(disk.disk.id.clone(), bitmap);
     }
     (actions, tracking)
+}
+
+/// The stillpoint bitmaps a successful capture of `disk` supersedes.
+fn superseded(disk: &PlannedDisk) -> Vec<&str> {
+    let mut names: Vec<&str> = disk
+        .disk
+        .bitmaps
+        .iter()
+        .filter(|b| b.name != disk.new_bitmap && !b.busy)
+        .filter(|b| !disk.removed_bitmaps.contains(&b.name))
+        .map(|b| b.name.as_str())
+        .collect();
+    // The parent is listed even when the inventory missed it (it was read before `prepare`).
+    if let CaptureMode::Incremental { parent_bitmap } = &disk.mode
+        && !names.contains(&parent_bitmap.as_str())
+    {
+        names.push(parent_bitmap);
+    }
+    if let CaptureMode::Full {
+        reason: FullReason::DiskResized { bitmap, .. },
+    } = &disk.mode
+        && !names.contains(&bitmap.as_str())
+    {
+        names.push(bitmap);
+    }
+    names
 }
 
 #[cfg(test)]
@@ -252,5 +276,45 @@ mod tests {
                 {"type": "block-dirty-bitmap-remove", "data": {"node": "disk1", "name": "N"}},
             ])
         );
+    }
+
+    fn health(name: &str, busy: bool) -> crate::capture::BitmapHealth {
+        crate::capture::BitmapHealth {
+            name: name.into(),
+            recording: true,
+            inconsistent: false,
+            persistent: true,
+            busy,
+            count: 0,
+            granularity: 65536,
+        }
+    }
+
+    #[test]
+    fn a_successful_capture_removes_every_superseded_stillpoint_bitmap_but_busy_ones() {
+        // A full backup (e.g. --full, or into a new repository) over a disk that still has
+        // the bitmap of an earlier chain, one taken by a running operation, one `prepare`
+        // removed already (inconsistent), and the new one.
+        let mut disk = planned("vd0", "disk0", full(FullReason::NoParent));
+        disk.disk.bitmaps = vec![
+            health("OLD", false),
+            health("BUSY", true),
+            health("GONE", false),
+            health("N", false),
+        ];
+        disk.removed_bitmaps = vec!["GONE".into()];
+        let (actions, tracking) = settlement(std::slice::from_ref(&disk), Settle::Success);
+        assert_eq!(
+            wire(&actions),
+            json!([{"type": "block-dirty-bitmap-remove", "data": {"node": "disk0", "name": "OLD"}}])
+        );
+        assert_eq!(tracking["vd0"].as_deref(), Some("N"));
+        // A failed full capture leaves the others as they were and drops only its own.
+        let (actions, tracking) = settlement(&[disk], Settle::Failure);
+        assert_eq!(
+            wire(&actions),
+            json!([{"type": "block-dirty-bitmap-remove", "data": {"node": "disk0", "name": "N"}}])
+        );
+        assert_eq!(tracking["vd0"], None);
     }
 }
