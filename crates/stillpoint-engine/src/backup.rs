@@ -573,6 +573,11 @@ impl Run {
         }
 
         // The point in time: frozen only across the capture start.
+        // A freeze dropped above (coverage) is dropped from the recipe's capture step too.
+        let workflow = match (workflow, &job.recipe) {
+            (Some(_), Some(recipe)) if !plan.freeze => Some(self.plan_workflow(recipe, false)?),
+            (workflow, _) => workflow,
+        };
         let started = match workflow {
             Some(workflow) => {
                 self.start_with_recipe(env, job, vm.clone(), prepared, workflow, plan.freeze)
