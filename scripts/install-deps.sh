@@ -13,10 +13,11 @@ PACKAGES=(
   e2fsprogs cpio                          # building the test guest's disks and initramfs
   restic borgbackup                       # peers measured side by side in `stillpoint bench repo`
   sqlite3                                 # checking restored databases in the recipe tests
+  libnbd-bin                              # nbdinfo / nbdcopy: peers the NBD client is checked against
 )
 
 need_install=0
-for p in qemu-system-x86 e2fsprogs cpio restic borgbackup sqlite3; do
+for p in qemu-system-x86 e2fsprogs cpio restic borgbackup sqlite3 libnbd-bin; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_install=1
 done
 qemu_img_version=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
