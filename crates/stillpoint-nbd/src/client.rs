@@ -29,6 +29,11 @@ const MAX_OPTION_REPLY: u32 = 1 << 20;
 const MAX_CHUNK: u32 = 64 << 20;
 /// Reader buffer: large enough that small chunks do not cost a syscall each.
 const READ_BUFFER: usize = 256 << 10;
+/// Request buffers kept for reuse by [`NbdClient::read_into`], in bytes: enough for the reads
+/// one backup keeps in flight (4 writer threads × 4 MiB), so that steady reading allocates
+/// nothing. Fresh multi-hundred-KiB buffers cost page faults and zeroing each time (measured:
+/// ≈ 0.7 CPU-s per 2 GiB read in `bench capture`).
+const POOL_BYTES: usize = 64 << 20;
 
 /// Block size constraints of an export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,6 +308,8 @@ struct Inner {
     next_handle: AtomicU64,
     reader: JoinHandle<()>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Request buffers handed back by [`NbdClient::read_into`] (see [`POOL_BYTES`]).
+    buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Drop for Inner {
@@ -438,6 +445,7 @@ impl NbdClient {
                 next_handle: AtomicU64::new(1),
                 reader,
                 writer: Mutex::new(Some(writer)),
+                buffers: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -713,6 +721,59 @@ impl NbdClient {
             out.extend_from_slice(&Self::await_reply(rx, at).await?);
         }
         Ok(out)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`. Holes come back as
+    /// zeros. The range goes out as requests of [`ReadOptions::default`]'s
+    /// size (at most the server's maximum), all in flight at once: QEMU
+    /// serves the requests of one connection concurrently. The requests'
+    /// buffers come from a pool kept by the client, so steady reading
+    /// allocates and zeroes nothing; each reply is copied once, into `buf`,
+    /// and the replies are awaited in order, so a caller blocked on this is
+    /// woken about once per read rather than once per request. On error `buf`
+    /// holds an unspecified mix of old and new bytes.
+    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        self.check_range("a read", offset, len)?;
+        let min = self.inner.info.block_sizes.minimum.max(1);
+        let max = (ReadOptions::default()
+            .request_size
+            .min(self.inner.info.max_request())
+            .max(min)
+            / min
+            * min) as usize;
+        let parts: Vec<_> = buf
+            .chunks_mut(max)
+            .enumerate()
+            .map(|(i, part)| {
+                let at = offset + (i * max) as u64;
+                let rx = self.start_read_into(at, part.len() as u32, self.pooled_buffer());
+                (at, part, rx)
+            })
+            .collect();
+        for (at, part, rx) in parts {
+            let data = Self::await_reply(rx, at).await?;
+            part.copy_from_slice(&data);
+            self.return_buffer(data);
+        }
+        Ok(())
+    }
+
+    fn pooled_buffer(&self) -> Vec<u8> {
+        self.inner
+            .buffers
+            .lock()
+            .expect("nbd buffer pool lock")
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn return_buffer(&self, buf: Vec<u8>) {
+        let mut pool = self.inner.buffers.lock().expect("nbd buffer pool lock");
+        let kept: usize = pool.iter().map(Vec::capacity).sum();
+        if kept + buf.capacity() <= POOL_BYTES {
+            pool.push(buf);
+        }
     }
 
     /// Reads every range of `ranges` (e.g. [`crate::data_ranges`] of the

@@ -20,7 +20,13 @@
 //! # Invariants
 //! - Many requests in flight on one connection, each with its own handle;
 //!   replies may come in any order and are routed by handle. Reading is not
-//!   latency-bound ([`NbdClient::read_ranges`] keeps `depth` requests out).
+//!   latency-bound ([`NbdClient::read_ranges`] keeps `depth` requests out;
+//!   [`NbdClient::read_into`] sends all requests of a range at once).
+//! - Request buffers are pooled and reused without zeroing, so a read
+//!   succeeds only if its reply covered every byte exactly once: stale bytes
+//!   of an earlier read never pass for data. [`NbdClient::read_into`] copies
+//!   each reply once, into the caller's buffer (what the repository writer's
+//!   threads read a capture with).
 //! - Requests respect the export's block sizes: never more than its maximum
 //!   payload (32 MiB by default), offsets and lengths aligned to its minimum.
 //! - A read succeeds only if its structured chunks covered every byte; holes

@@ -347,3 +347,83 @@ async fn overlapping_chunks_are_refused_even_when_their_sizes_add_up() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn read_into_splits_into_requests_and_a_reused_buffer_never_shows_old_bytes() {
+    let (nbd, mut srv) = pair(true, &[]).await;
+    const PIECE: usize = 256 << 10;
+    // 256 KiB + 16 bytes: two requests, both in flight before any reply.
+    let read = tokio::spawn({
+        let nbd = nbd.clone();
+        async move {
+            let mut buf = vec![0u8; PIECE + 16];
+            nbd.read_into(4096, &mut buf).await.map(|()| buf)
+        }
+    });
+    let (r1, r2) = (srv.request().await, srv.request().await);
+    assert_eq!((r1.offset, r1.length), (4096, PIECE as u32));
+    assert_eq!((r2.offset, r2.length), (4096 + PIECE as u64, 16));
+    // Replies out of order: the second request first.
+    srv.data(REPLY_FLAG_DONE, r2.handle, r2.offset, &[2; 16])
+        .await;
+    srv.data(REPLY_FLAG_DONE, r1.handle, r1.offset, &vec![1; PIECE])
+        .await;
+    let buf = read.await.unwrap().unwrap();
+    assert!(buf[..PIECE].iter().all(|&b| b == 1) && buf[PIECE..] == [2; 16]);
+
+    // The next read reuses a pooled buffer that held 0x01 or 0x02 bytes. A
+    // reply covering only half of it is an error: the stale half never
+    // passes for data.
+    let read = tokio::spawn({
+        let nbd = nbd.clone();
+        async move {
+            let mut buf = vec![0u8; 16];
+            nbd.read_into(0, &mut buf).await
+        }
+    });
+    let r = srv.request().await;
+    srv.data(REPLY_FLAG_DONE, r.handle, 0, &[7; 8]).await;
+    let err = read.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), &ErrorKind::Protocol);
+    assert!(err.to_string().contains("covered only 8"), "{err}");
+    assert_eq!(err.offset(), Some(0));
+
+    // A hole in a reused buffer reads as zeros, not as the old bytes.
+    let read = tokio::spawn({
+        let nbd = nbd.clone();
+        async move {
+            let mut buf = vec![9u8; 16];
+            nbd.read_into(0, &mut buf).await.map(|()| buf)
+        }
+    });
+    let r = srv.request().await;
+    let mut hole = 0u64.to_be_bytes().to_vec();
+    hole.extend_from_slice(&8u32.to_be_bytes());
+    srv.chunk(0, REPLY_TYPE_OFFSET_HOLE, r.handle, &hole).await;
+    srv.data(REPLY_FLAG_DONE, r.handle, 8, &[3; 8]).await;
+    let buf = read.await.unwrap().unwrap();
+    assert_eq!(buf, [0, 0, 0, 0, 0, 0, 0, 0, 3, 3, 3, 3, 3, 3, 3, 3]);
+}
+
+#[tokio::test]
+async fn read_into_reports_the_failed_requests_offset() {
+    let (nbd, mut srv) = pair(true, &[]).await;
+    let read = tokio::spawn({
+        let nbd = nbd.clone();
+        async move {
+            let mut buf = vec![0u8; 512 << 10];
+            nbd.read_into(0, &mut buf).await
+        }
+    });
+    let (r1, r2) = (srv.request().await, srv.request().await);
+    srv.data(REPLY_FLAG_DONE, r1.handle, 0, &vec![1; 256 << 10])
+        .await;
+    // EINVAL for the second request, as QEMU's server answers reads of a broken snapshot.
+    let mut err = 22u32.to_be_bytes().to_vec();
+    err.extend_from_slice(&0u16.to_be_bytes());
+    srv.chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, r2.handle, &err)
+        .await;
+    let err = read.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), &ErrorKind::Request { errno: 22 });
+    assert_eq!(err.offset(), Some(256 << 10));
+}

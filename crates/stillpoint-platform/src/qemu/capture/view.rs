@@ -14,9 +14,6 @@ use crate::error::{PlatformError, PlatformErrorKind, Result};
 /// snapshot (`on-cbw-error: break-snapshot`): EINVAL (seen on QEMU 7.2, reference §5) and EIO.
 const BROKEN_SNAPSHOT_ERRNOS: [u32; 2] = [22, 5];
 
-/// Size of the requests one `read_at` is split into (all sent at once).
-const READ_PIECE: u64 = 256 << 10;
-
 /// The NBD metadata context of a dirty bitmap.
 pub fn bitmap_context(bitmap: &str) -> String {
     format!("qemu:dirty-bitmap:{bitmap}")
@@ -150,25 +147,13 @@ impl CapturedDisk for QemuCapturedDisk {
     }
 
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        // A large read goes out as several requests at once: QEMU serves the requests of one
-        // connection concurrently, and one big request would be served by one coroutine.
-        let piece = READ_PIECE.max(1) as usize;
-        let reads = buf.chunks_mut(piece).enumerate().map(|(i, part)| {
-            let at = offset + (i * piece) as u64;
-            async move {
-                let data = self
-                    .client
-                    .read(at, part.len() as u64)
-                    .await
-                    .map_err(|e| self.read_error(at, e))?;
-                part.copy_from_slice(&data);
-                Ok::<_, PlatformError>(())
-            }
-        });
-        for result in futures::future::join_all(reads).await {
-            result?;
-        }
-        Ok(())
+        // One call for the whole range: the client splits it into requests that are all in
+        // flight at once (QEMU serves them concurrently) and reads them into `buf` with one
+        // copy, from pooled buffers.
+        self.client
+            .read_into(offset, buf)
+            .await
+            .map_err(|e| self.read_error(e.offset().unwrap_or(offset), e))
     }
 }
 
