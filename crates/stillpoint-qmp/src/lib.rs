@@ -2,11 +2,18 @@
 //!
 //! # What it is for
 //! The qemu platform driver composes this client with `stillpoint-nbd` into the
-//! capture step: add scratch nodes, run the one capture `transaction` (bitmap
-//! rotation + `blockdev-backup sync:none`), export the point-in-time view over
-//! NBD, and clean up in the order of `reference/qemu-pull-backup.md` §5. This
+//! capture step (`docs/capture.md` has the whole sequence and why it is this one):
+//! add a scratch node and a standalone `copy-before-write` filter per disk, run
+//! the one bitmap `transaction`, switch each guest device onto its filter with
+//! `qom-set`, export the point-in-time view through a `snapshot-access` node
+//! over NBD, and clean up exports first, then the server, then the nodes. This
 //! crate knows the protocol and the commands; it makes no backup decision
 //! (which bitmap to rotate, whether to freeze) — that is the driver's job.
+//!
+//! Block jobs (`blockdev-backup`, `JOB_STATUS_CHANGE`, cancel and dismiss) are
+//! bound as well, for callers that need them; the capture does not use the
+//! backup job, because its built-in filter pauses the VM when the scratch space
+//! runs out (`docs/capture.md`, "Why the standalone copy-before-write filter").
 //!
 //! # Layout
 //! - [`codec`]: the wire format as pure functions over one line (greeting,
@@ -45,26 +52,43 @@
 //!   a year, single maintainer).
 //!
 //! So the arguments here are small serde types that produce exactly the 7.2
-//! wire shape (unit-tested against the verified reference sequences), and the
+//! wire shape (unit-tested against the sequences verified on QEMU 7.2), and the
 //! replies read only the fields capture needs, ignoring the rest.
 //!
 //! # Example
+//! The point in time of one disk, as the capture takes it (`disk0` is the
+//! node under the guest's device `/machine/peripheral/vd0/virtio-backend`):
 //! ```no_run
 //! # async fn demo() -> stillpoint_qmp::Result<()> {
-//! use stillpoint_qmp::{Action, BlockdevBackup, Qmp, JobStatus};
-//! use std::time::Duration;
+//! use serde_json::json;
+//! use stillpoint_qmp::{Action, BitmapRef, NbdExport, Qmp};
 //! let qmp = Qmp::connect_unix("/run/vm/qmp.sock").await?;
-//! let mut events = qmp.subscribe();
+//! qmp.blockdev_add(json!({"driver": "qcow2", "node-name": "fl0",
+//!                         "file": {"driver": "file", "filename": "/scratch/fl0.qcow2"}}))
+//!     .await?;
+//! qmp.blockdev_add(json!({"driver": "copy-before-write", "node-name": "cbw0",
+//!                         "file": "disk0", "target": "fl0",
+//!                         "on-cbw-error": "break-snapshot", "cbw-timeout": 60}))
+//!     .await?;
+//! // The bitmap rotation first, then the device onto the filter: a guest write
+//! // between the two is recorded in the new bitmap.
 //! qmp.transaction(vec![
 //!     Action::bitmap_add("disk0", "b2", true),
 //!     Action::bitmap_disable("disk0", "b1"),
-//!     Action::blockdev_backup(BlockdevBackup::fleece("fleece0", "disk0", "fl0")),
 //! ])
 //! .await?;
-//! let started = events
-//!     .wait_job_status("fleece0", JobStatus::Running, Duration::from_secs(10))
+//! qmp.qom_set("/machine/peripheral/vd0/virtio-backend", "drive", json!("cbw0"))
 //!     .await?;
-//! # let _ = started; Ok(()) }
+//! qmp.blockdev_add(json!({"driver": "snapshot-access", "node-name": "snap0", "file": "cbw0"}))
+//!     .await?;
+//! qmp.nbd_server_start_unix("/scratch/nbd.sock".as_ref()).await?;
+//! qmp.block_export_add_nbd(
+//!     &NbdExport::new("exp0", "snap0")
+//!         .name("vd0")
+//!         .bitmaps(vec![BitmapRef::on("disk0", "b1")]),
+//! )
+//! .await?;
+//! # Ok(()) }
 //! ```
 
 mod client;

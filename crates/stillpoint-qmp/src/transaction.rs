@@ -150,8 +150,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn capture_transaction_matches_the_verified_reference_sequence() {
-        // reference/qemu-pull-backup.md §1 (i), verified on QEMU 7.2.
+    fn bitmap_rotation_and_backup_job_serialize_as_qemu_7_2_takes_them() {
+        // The wire shape QEMU 7.2 accepted when it was verified (docs/capture.md).
         let actions = vec![
             Action::bitmap_add("disk1", "b2", true),
             Action::bitmap_disable("disk1", "b1"),

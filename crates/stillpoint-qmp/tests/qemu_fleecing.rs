@@ -1,7 +1,14 @@
-//! The pull-mode capture sequence of `reference/qemu-pull-backup.md` §1 (i) and
-//! §5, end to end on a real QEMU 7.2 with no guest, checked with the real
-//! libnbd tools (`nbdcopy` writes through a writable export of the source, as
-//! a guest would; `qemu-img convert` and `nbdinfo --map` read the capture).
+//! The QMP client's block-job, bitmap, export and event API end to end on a
+//! real QEMU 7.2 with no guest, through QEMU's own fleecing sequence (a
+//! `blockdev-backup sync=none` job), checked with the real libnbd tools
+//! (`nbdcopy` writes through a writable export of the source, as a guest
+//! would; `qemu-img convert` and `nbdinfo --map` read the capture).
+//!
+//! This is not the capture stillpoint takes: that one uses the standalone
+//! `copy-before-write` filter (docs/capture.md says why) and is tested end to
+//! end on real VMs in `stillpoint-platform`'s `vm_capture.rs`. The job sequence
+//! stays here because it exercises what the filter path does not: job events
+//! with QEMU's timestamps, cancel, dismiss and their refusals.
 
 mod common;
 
@@ -72,7 +79,7 @@ fn nbdinfo_map(context: &str, uri: &str) -> Vec<(u64, u64, String)> {
 }
 
 #[tokio::test]
-async fn fleecing_capture_exports_the_point_in_time_and_cleans_up_in_reference_order() {
+async fn fleecing_job_exports_the_point_in_time_and_cleans_up_in_order() {
     let mut qemu = QemuNoGuest::start().await;
     let qmp = qemu.connect().await;
     let src_raw = qemu.path("src.raw");
@@ -123,7 +130,7 @@ async fn fleecing_capture_exports_the_point_in_time_and_cleans_up_in_reference_o
     expected[..192 << 10].fill(0xAA);
     assert_eq!(bitmap(&qmp, "disk0", "b1").await.count, 192 << 10);
 
-    // Capture: one transaction, as in the reference.
+    // Capture: one transaction (bitmap rotation + the fleecing job).
     qmp.blockdev_add(json!({"driver": "qcow2", "node-name": "fl0",
                             "file": {"driver": "file", "filename": scratch},
                             "backing": "disk0"}))
@@ -206,7 +213,8 @@ async fn fleecing_capture_exports_the_point_in_time_and_cleans_up_in_reference_o
         "{err}"
     );
 
-    // Cleanup in the reference order (§5), waiting for each event.
+    // Cleanup: exports, then the server, then the job and its node, waiting
+    // for each event.
     qmp.block_export_del_and_wait("cap-exp", ExportRemoveMode::Safe, T)
         .await
         .unwrap();
