@@ -1,5 +1,5 @@
 //! The NBD client against QEMU's built-in NBD server, driven through the QMP
-//! client: the pull-mode capture of `reference/qemu-pull-backup.md` read by
+//! client: a point-in-time export (QEMU's fleecing job; docs/capture.md has the capture itself) read by
 //! our client, checked against `nbdinfo` and the known writes.
 
 mod common;

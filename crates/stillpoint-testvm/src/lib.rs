@@ -41,6 +41,7 @@
 //! - KVM is used only when `STILLPOINT_ACCEL=kvm`; TCG is the default.
 
 mod archive;
+mod bare_qemu;
 mod config;
 mod disk;
 mod elf;
@@ -53,10 +54,12 @@ pub mod probe;
 mod qemu;
 mod record;
 mod tool;
+pub use crate::tool::run_tool;
 mod vm;
 mod wait;
 mod workload;
 
+pub use crate::bare_qemu::BareQemu;
 pub use crate::config::{
     DEFAULT_DISK_SIZE, DEFAULT_MEMORY_MIB, DiskFormat, DiskSpec, MAX_DISKS, VmConfig,
     parse_disk_size,

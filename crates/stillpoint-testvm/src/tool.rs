@@ -55,6 +55,14 @@ pub(crate) fn tail(text: &str, max: usize) -> &str {
     &text[start..]
 }
 
+/// Runs a host tool with plain arguments (no shell) and returns its stdout; a failure is an
+/// error naming the command line and the end of its stderr. For tests that drive `qemu-img`,
+/// `nbdinfo`, `nbdcopy` and the like.
+pub fn run_tool(program: &str, args: &[&str]) -> Result<String> {
+    let output = run(Command::new(program).args(args), program)?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,16 +13,7 @@ use tokio::process::{Child, Command};
 
 /// Runs a host tool and returns its stdout; panics with its stderr on failure.
 pub fn run(program: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
+    stillpoint_testvm::run_tool(program, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn wait_for_socket(child: &mut Child, socket: &Path, what: &str) {
@@ -111,53 +102,32 @@ pub async fn connect_retrying(
     }
 }
 
-/// A QEMU with no guest (`-machine none`), for its built-in NBD server.
+/// A QEMU with no guest (`stillpoint_testvm::BareQemu`), for its built-in NBD server.
 pub struct QemuNoGuest {
-    child: Child,
+    qemu: stillpoint_testvm::BareQemu,
     pub qmp_socket: PathBuf,
 }
 
 impl QemuNoGuest {
     pub async fn start(dir: &Path) -> QemuNoGuest {
-        let qmp_socket = dir.join("qmp.sock");
-        let mut child = Command::new("qemu-system-x86_64")
-            .args([
-                "-machine",
-                "none",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-qmp",
-            ])
-            .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()))
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("qemu-system-x86_64 must be installed (scripts/install-deps.sh)");
-        wait_for_socket(&mut child, &qmp_socket, "qemu-system-x86_64").await;
-        QemuNoGuest { child, qmp_socket }
+        let qemu = stillpoint_testvm::BareQemu::start(dir)
+            .await
+            .unwrap_or_else(|e| panic!("{e} (scripts/install-deps.sh installs QEMU)"));
+        let qmp_socket = qemu.qmp_socket().to_path_buf();
+        QemuNoGuest { qemu, qmp_socket }
     }
 
-    /// Connects over QMP, retrying while QEMU has bound but not yet listens.
     pub async fn connect(&self) -> stillpoint_qmp::Qmp {
-        let mut tries = 0;
-        loop {
-            match stillpoint_qmp::Qmp::connect_unix(&self.qmp_socket).await {
-                Ok(qmp) => return qmp,
-                Err(e) if e.kind() == &stillpoint_qmp::ErrorKind::Connect && tries < 200 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
-                Err(e) => panic!("connect to QEMU's QMP socket: {e}"),
-            }
-        }
+        stillpoint_qmp::Qmp::connect_unix(&self.qmp_socket)
+            .await
+            .unwrap_or_else(|e| panic!("connect to QEMU's QMP socket: {e}"))
     }
 
     pub async fn wait_exit(mut self) -> std::process::ExitStatus {
-        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+        self.qemu
+            .wait_exit(Duration::from_secs(30))
             .await
-            .expect("qemu exits after quit")
-            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
