@@ -1,7 +1,7 @@
 //! The QEMU capture against real VMs: real QEMU 7.2, the real guest writing through virtio,
 //! QEMU's own NBD server read by our client, `qemu-img` for the references.
 //!
-//! How exactness is checked (as in reference/qemu-pull-backup.md): with the VM paused (and,
+//! How exactness is checked: with the VM paused (and,
 //! when it matters, the guest's filesystems frozen so nothing is in flight), the disk images
 //! are copied on the host with `qemu-img convert -U`; the capture is taken at that same
 //! instant; the guest then overwrites data; the export must still equal the copy, byte for
