@@ -530,8 +530,7 @@ pub fn run(args: &RepoBench, progress: &dyn Progress) -> anyhow::Result<RepoRepo
 }
 
 /// What `bench repo` measured. Its JSON is the whole result; `Display` is the human report.
-// Fields in alphabetical order: the JSON's keys have always come out sorted.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct RepoReport {
     borg: ToolResult,
     image_bytes: u64,
@@ -539,10 +538,35 @@ pub struct RepoReport {
     rows: Vec<Row>,
     stillpoint: ToolResult,
     stillpoint_unchanged_reread: Option<Measurement>,
-    #[serde(skip)]
     extra: Vec<String>,
-    #[serde(skip)]
     peak_rss_target: Bound,
+}
+
+/// Through a JSON value, as this report has always been printed: its keys come out sorted at
+/// every level.
+impl Serialize for RepoReport {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Fields<'a> {
+            image_bytes: u64,
+            stillpoint: &'a ToolResult,
+            stillpoint_unchanged_reread: Option<Measurement>,
+            restic: &'a ToolResult,
+            borg: &'a ToolResult,
+            rows: &'a [Row],
+        }
+        let fields = Fields {
+            image_bytes: self.image_bytes,
+            stillpoint: &self.stillpoint,
+            stillpoint_unchanged_reread: self.stillpoint_unchanged_reread,
+            restic: &self.restic,
+            borg: &self.borg,
+            rows: &self.rows,
+        };
+        serde_json::to_value(fields)
+            .map_err(serde::ser::Error::custom)?
+            .serialize(serializer)
+    }
 }
 
 #[derive(Debug, Serialize)]
