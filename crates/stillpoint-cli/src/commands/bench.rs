@@ -1,25 +1,16 @@
-//! `stillpoint bench freeze|repo|capture`: benchmarks that print ratios against peers measured
-//! in the same run.
-//!
-//! `bench repo` generates an image of realistic mixed content (zeros, binaries and text from
-//! /usr, random data), then runs stillpoint (`backup-image` as a subprocess), restic and borg,
-//! all encrypted, through: full backup, second backup of the unchanged image, an incremental
-//! with 1 % of the chunks changed (stillpoint gets the changed-ranges list; restic and borg back
-//! up the modified file), and a restore. Every command runs under the hidden `bench measure`
-//! helper, which reports wall time and the peak RSS of exactly that command (getrusage of its
-//! only child), so all three tools are measured the same way.
+//! `stillpoint bench freeze|repo|capture`: the arguments of the benchmarks, which live in the
+//! `stillpoint-bench` crate (docs/benchmarks.md), and the printing of their reports.
 
-use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
-use std::time::Instant;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use rand::{Rng, RngCore, SeedableRng};
-use serde::Serialize;
+use stillpoint_bench::capture::{CaptureBench, WriterOn};
+use stillpoint_bench::freeze::FreezeBench;
+use stillpoint_bench::measure::{self, MeasureCommand};
+use stillpoint_bench::repo::RepoBench;
+use stillpoint_bench::{Progress, Silent, Stderr};
 
 use crate::commands::repo::parse_size;
 use crate::context::Context;
@@ -34,15 +25,25 @@ pub struct BenchArgs {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Freeze and thaw latency, and the stall a writer in the guest sees, over many rounds.
-    Freeze(crate::commands::bench_freeze::FreezeBenchArgs),
+    Freeze(FreezeBenchArgs),
     /// Repository throughput, memory and size against restic and borg.
     Repo(RepoBenchArgs),
     /// The stall a guest writer sees during a backup against freeze → copy → thaw, copy
     /// throughput against backup-image, and a 1 % incremental against a full backup.
-    Capture(crate::commands::bench_capture::CaptureBenchArgs),
+    Capture(CaptureBenchArgs),
     /// Internal: run a command, print its wall time and peak RSS as JSON.
     #[command(hide = true)]
     Measure(MeasureArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FreezeBenchArgs {
+    /// Freeze → thaw rounds per phase.
+    #[arg(long, default_value_t = 20)]
+    pub rounds: usize,
+    /// Pause between rounds, in milliseconds (lets the writer dirty some data again).
+    #[arg(long, default_value_t = 300)]
+    pub gap_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +57,52 @@ pub struct RepoBenchArgs {
     /// Skip restic and borg (for a quick look at our own numbers).
     #[arg(long)]
     pub only_ours: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CaptureBenchArgs {
+    /// Data disk sizes, comma-separated (each configuration boots a VM with disks of one size).
+    #[arg(long, value_delimiter = ',', default_value = "256MiB,4GiB", value_parser = parse_size)]
+    pub sizes: Vec<u64>,
+    /// Data disk counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub disks: Vec<usize>,
+    /// Rounds per configuration, of our backup and of the naive sequence each.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Percent of every data disk filled with incompressible data before boot.
+    #[arg(long, default_value_t = 50)]
+    pub fill_percent: u8,
+    /// Pause between rounds, in milliseconds (the writer dirties data again).
+    #[arg(long, default_value_t = 300)]
+    pub gap_ms: u64,
+    /// Rounds of the copy phase (full, 1 % incremental, backup-image), at most --rounds.
+    #[arg(long, default_value_t = 3)]
+    pub copy_rounds: usize,
+    /// Where the stall writer appends: `data` — /data only (the first disk); `all-disks` — one
+    /// loop appending to a file on every data disk in turn, so it also meets the file systems
+    /// the agent freezes first and thaws last.
+    #[arg(long, value_enum, default_value_t = WriterOnArg::Data)]
+    pub writer_on: WriterOnArg,
+    /// Working directory, kept short (default: a fresh directory under /var/tmp, removed after).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+}
+
+/// `--writer-on` (the CLI's spelling of [`WriterOn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WriterOnArg {
+    Data,
+    AllDisks,
+}
+
+impl From<WriterOnArg> for WriterOn {
+    fn from(arg: WriterOnArg) -> Self {
+        match arg {
+            WriterOnArg::Data => WriterOn::Data,
+            WriterOnArg::AllDisks => WriterOn::AllDisks,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -75,665 +122,64 @@ pub struct MeasureArgs {
 }
 
 pub async fn run(ctx: &Context, args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let json = ctx.global.json;
+    // With --json the VM benches keep stderr quiet; `bench repo` always shows its steps.
+    let progress: &dyn Progress = if json { &Silent } else { &Stderr };
     match args.command {
-        BenchCommand::Freeze(a) => crate::commands::bench_freeze::run(ctx, a).await,
-        BenchCommand::Capture(a) => crate::commands::bench_capture::run(ctx, a).await,
-        BenchCommand::Measure(a) => measure(a),
-        BenchCommand::Repo(a) => bench_repo(ctx, a),
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
-struct Measurement {
-    seconds: f64,
-    max_rss_kib: u64,
-    success: bool,
-}
-
-fn measure(args: MeasureArgs) -> anyhow::Result<ExitCode> {
-    let log = File::create(&args.log)?;
-    let started = Instant::now();
-    let status = Command::new(&args.command[0])
-        .args(&args.command[1..])
-        .current_dir(&args.cwd)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .status()
-        .with_context(|| format!("cannot run {}", args.command[0]))?;
-    if args.sync_after {
-        nix::unistd::sync();
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    // The only child this process ever waited for is the command: its peak RSS is this.
-    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
-    let m = Measurement {
-        seconds,
-        max_rss_kib: usage.max_rss() as u64,
-        success: status.success(),
-    };
-    println!("{}", serde_json::to_string(&m)?);
-    Ok(ExitCode::from(EXIT_OK))
-}
-
-struct Runner {
-    exe: PathBuf,
-    work: PathBuf,
-    step: usize,
-}
-
-impl Runner {
-    fn run(
-        &mut self,
-        label: &str,
-        cmd: &[&str],
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<Measurement> {
-        self.step += 1;
-        // Write back what earlier steps left dirty, so that no step pays for another's I/O.
-        nix::unistd::sync();
-        let log = self.work.join(format!(
-            "log-{:02}-{}.txt",
-            self.step,
-            label.replace(' ', "-")
-        ));
-        let output = Command::new(&self.exe)
-            .args(["bench", "measure", "--log"])
-            .arg(&log)
-            .arg("--cwd")
-            .arg(&self.work)
-            // Restores are timed until the data is on disk, for every tool alike (stillpoint
-            // fsyncs its output; restic and borg leave it to the kernel's writeback).
-            .args(label.starts_with("restore").then_some("--sync-after"))
-            .arg("--")
-            .args(cmd)
-            .envs(env.iter().copied())
-            .stderr(Stdio::inherit())
-            .output()?;
-        let m: Measurement = serde_json::from_slice(&output.stdout)
-            .with_context(|| format!("`{label}`: the measuring helper failed"))?;
-        if !m.success {
-            let tail = fs::read_to_string(&log).unwrap_or_default();
-            bail!(
-                "`{label}` failed ({}):\n{}",
-                cmd.join(" "),
-                tail.lines()
-                    .rev()
-                    .take(15)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-        }
-        eprintln!(
-            "  {label:<34} {:>8.2} s  {:>7} MiB peak RSS",
-            m.seconds,
-            m.max_rss_kib / 1024
-        );
-        Ok(m)
-    }
-}
-
-/// Streams file contents from /usr, split into ELF binaries and text.
-struct UsrPool {
-    files: Vec<PathBuf>,
-    next: usize,
-}
-
-impl UsrPool {
-    fn new() -> Self {
-        let mut files = Vec::new();
-        let mut stack = vec![PathBuf::from("/usr")];
-        while let Some(dir) = stack.pop() {
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
+        BenchCommand::Freeze(a) => {
+            let bench = FreezeBench {
+                rounds: a.rounds,
+                gap: Duration::from_millis(a.gap_ms),
             };
-            for e in entries.flatten() {
-                let Ok(ft) = e.file_type() else { continue };
-                if ft.is_dir() {
-                    stack.push(e.path());
-                } else if ft.is_file() {
-                    files.push(e.path());
-                }
-            }
+            let report = stillpoint_bench::freeze::run(&bench, progress).await?;
+            print_report(json, &report)
         }
-        files.sort();
-        Self { files, next: 0 }
-    }
-
-    /// Fills `buf` with content of the wanted kind (binary: ELF files; text: no NUL bytes).
-    fn fill(&mut self, buf: &mut [u8], binary: bool) {
-        let mut filled = 0;
-        let mut scanned = 0;
-        while filled < buf.len() && scanned < self.files.len() * 2 {
-            let path = &self.files[self.next % self.files.len()];
-            self.next += 1;
-            scanned += 1;
-            let Ok(mut f) = File::open(path) else {
-                continue;
+        BenchCommand::Capture(a) => {
+            let bench = CaptureBench {
+                sizes: a.sizes,
+                disks: a.disks,
+                rounds: a.rounds,
+                fill_percent: a.fill_percent,
+                gap: Duration::from_millis(a.gap_ms),
+                copy_rounds: a.copy_rounds,
+                writer_on: a.writer_on.into(),
+                workdir: a.workdir,
             };
-            let mut head = [0u8; 512];
-            let n = f.read(&mut head).unwrap_or(0);
-            let is_elf = n >= 4 && head[..4] == *b"\x7fELF";
-            let is_text = n > 0
-                && !head[..n].contains(&0)
-                && !is_elf
-                && !head[..n.min(4)].starts_with(&[0x1f, 0x8b]);
-            if (binary && !is_elf) || (!binary && !is_text) {
-                continue;
-            }
-            let mut data = head[..n].to_vec();
-            let _ = f.take((buf.len() - filled) as u64).read_to_end(&mut data);
-            let take = data.len().min(buf.len() - filled);
-            buf[filled..filled + take].copy_from_slice(&data[..take]);
-            filled += take;
+            let report = stillpoint_bench::capture::run(&bench, progress).await?;
+            print_report(json, &report)
         }
-        // /usr ran out (tiny system): what is left becomes text-like filler.
-        for (i, b) in buf[filled..].iter_mut().enumerate() {
-            *b = b"filler text "[i % 12];
+        BenchCommand::Repo(a) => {
+            let bench = RepoBench {
+                size: a.size,
+                workdir: a.workdir,
+                only_ours: a.only_ours,
+            };
+            let report = stillpoint_bench::repo::run(&bench, &Stderr)?;
+            print_report(json, &report)
         }
-    }
-}
-
-/// Writes the benchmark image: 16 MiB segments of zeros, binaries, text and random data in
-/// a shuffled order (25 % each).
-fn generate_image(path: &Path, size: u64) -> anyhow::Result<()> {
-    const SEG: u64 = 16 << 20;
-    let file = File::create(path)?;
-    file.set_len(size)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let mut pool = UsrPool::new();
-    let mut buf = vec![0u8; SEG as usize];
-    let mut off = 0;
-    let mut kinds: Vec<u8> = (0..size.div_ceil(SEG)).map(|i| (i % 4) as u8).collect();
-    for i in (1..kinds.len()).rev() {
-        kinds.swap(i, rng.random_range(0..=i));
-    }
-    for kind in kinds {
-        let len = (size - off).min(SEG) as usize;
-        match kind {
-            0 => {} // zeros: a hole
-            1 => pool.fill(&mut buf[..len], true),
-            2 => pool.fill(&mut buf[..len], false),
-            _ => rng.fill_bytes(&mut buf[..len]),
-        }
-        if kind != 0 {
-            file.write_all_at(&buf[..len], off)?;
-        }
-        off += len as u64;
-    }
-    file.sync_all()?;
-    Ok(())
-}
-
-/// Changes 4 KiB in 1 % of the 4 MiB chunks (at least one) and returns the changed ranges.
-fn change_one_percent(path: &Path, size: u64) -> anyhow::Result<Vec<(u64, u64)>> {
-    const CHUNK: u64 = 4 << 20;
-    let chunks = size.div_ceil(CHUNK);
-    let count = (chunks / 100).max(1);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let file = fs::OpenOptions::new().write(true).open(path)?;
-    let mut picked: Vec<u64> = Vec::new();
-    while (picked.len() as u64) < count {
-        let c = rng.random_range(0..chunks);
-        if !picked.contains(&c) {
-            picked.push(c);
-        }
-    }
-    let mut ranges = Vec::new();
-    let mut data = vec![0u8; 4096];
-    for c in picked {
-        let room = (size - c * CHUNK).min(CHUNK).saturating_sub(4096);
-        let off = c * CHUNK + rng.random_range(0..=room) / 4096 * 4096;
-        let len = 4096.min(size - off);
-        rng.fill_bytes(&mut data);
-        file.write_all_at(&data[..len as usize], off)?;
-        ranges.push((off, len));
-    }
-    file.sync_all()?;
-    Ok(ranges)
-}
-
-fn dir_size(path: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
-}
-
-fn files_equal(a: &Path, b: &Path) -> anyhow::Result<bool> {
-    let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
-    if fa.metadata()?.len() != fb.metadata()?.len() {
-        return Ok(false);
-    }
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    loop {
-        let n = fa.read(&mut ba)?;
-        if n == 0 {
-            return Ok(true);
-        }
-        fb.read_exact(&mut bb[..n])?;
-        if ba[..n] != bb[..n] {
-            return Ok(false);
+        BenchCommand::Measure(a) => {
+            let measured = measure::measure(&MeasureCommand {
+                log: a.log,
+                cwd: a.cwd,
+                sync_after: a.sync_after,
+                command: a.command,
+            })?;
+            // One line: the parent reads it back (`stillpoint_bench::repo`).
+            println!("{}", serde_json::to_string(&measured)?);
+            Ok(ExitCode::from(EXIT_OK))
         }
     }
 }
 
-#[derive(Debug, Default, Serialize)]
-struct ToolResult {
-    full: Option<Measurement>,
-    unchanged: Option<Measurement>,
-    incremental: Option<Measurement>,
-    restore: Option<Measurement>,
-    /// Opening the repository and listing snapshots: the fixed per-process cost (KDF).
-    open: Option<Measurement>,
-    repo_bytes: u64,
-    peak_rss_kib: u64,
-}
-
-impl ToolResult {
-    fn finish(&mut self, repo: &Path) {
-        self.repo_bytes = dir_size(repo);
-        self.peak_rss_kib = [self.full, self.unchanged, self.incremental, self.restore]
-            .iter()
-            .flatten()
-            .map(|m| m.max_rss_kib)
-            .max()
-            .unwrap_or(0);
-    }
-}
-
-const PASSWORD: &str = "bench-passphrase-not-secret";
-
-fn bench_repo(ctx: &Context, args: RepoBenchArgs) -> anyhow::Result<ExitCode> {
-    struct RemoveOnDrop(Option<PathBuf>);
-    impl Drop for RemoveOnDrop {
-        fn drop(&mut self) {
-            if let Some(dir) = &self.0 {
-                let _ = fs::remove_dir_all(dir);
-            }
-        }
-    }
-    let (work, _cleanup) = match &args.workdir {
-        Some(dir) => (dir.clone(), RemoveOnDrop(None)),
-        None => {
-            let dir = PathBuf::from(format!("/var/tmp/stillpoint-bench-{}", std::process::id()));
-            (dir.clone(), RemoveOnDrop(Some(dir)))
-        }
-    };
-    fs::create_dir_all(&work)?;
-    let image = work.join("image.raw");
-    let image_name = "image.raw";
-    eprintln!(
-        "generating a {} image of zeros, /usr binaries, /usr text and random data in {}",
-        bytesize::ByteSize(args.size),
-        work.display()
-    );
-    generate_image(&image, args.size)?;
-    let pristine = work.join("image.pristine");
-    let size = args.size;
-    let mut runner = Runner {
-        exe: std::env::current_exe()?,
-        work: work.clone(),
-        step: 0,
-    };
-    let password_file = work.join("password");
-    fs::File::create(&password_file)?.write_all(PASSWORD.as_bytes())?;
-    let exe = runner.exe.to_string_lossy().into_owned();
-    let ours_repo = work.join("repo-stillpoint");
-    let restic_repo = work.join("repo-restic");
-    let borg_repo = work.join("repo-borg");
-    for dir in [&ours_repo, &restic_repo, &borg_repo] {
-        let _ = fs::remove_dir_all(dir);
-    }
-    let _ = fs::remove_file(&pristine);
-    fs::copy(&image, &pristine)?;
-
-    // Phase 1 + 2 for every tool on the pristine image, then modify, then phase 3 + 4.
-    let pw = password_file.to_string_lossy().into_owned();
-    let ours_repo_s = ours_repo.to_string_lossy().into_owned();
-    let ours = |sub: &[&str]| -> Vec<String> {
-        let mut v = vec![
-            exe.clone(),
-            "--repo".into(),
-            ours_repo_s.clone(),
-            "--password-file".into(),
-            pw.clone(),
-        ];
-        v.extend(sub.iter().map(|s| s.to_string()));
-        v
-    };
-    let run_owned = |runner: &mut Runner, label: &str, v: Vec<String>, env: &[(&str, &str)]| {
-        let refs: Vec<&str> = v.iter().map(String::as_str).collect();
-        runner.run(label, &refs, env)
-    };
-    let restic_env = [
-        ("RESTIC_PASSWORD", PASSWORD),
-        ("RESTIC_REPOSITORY", "repo-restic"),
-    ];
-    let borg_env = [
-        ("BORG_PASSPHRASE", PASSWORD),
-        ("BORG_REPO", "repo-borg"),
-        ("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes"),
-        ("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes"),
-    ];
-
-    let mut us = ToolResult::default();
-    let mut restic = ToolResult::default();
-    let mut borg = ToolResult::default();
-
-    eprintln!("stillpoint:");
-    run_owned(&mut runner, "init", ours(&["repo", "init"]), &[])?;
-    us.full = Some(run_owned(
-        &mut runner,
-        "full backup",
-        ours(&["backup-image", image_name, "--name", "bench"]),
-        &[],
-    )?);
-    // A VM backup knows from its dirty bitmap that nothing changed (restic and borg know it
-    // from the file's metadata): that is the "unchanged" row. The re-read is reported too.
-    fs::write(work.join("ranges-empty.txt"), "# nothing changed\n")?;
-    us.unchanged = Some(run_owned(
-        &mut runner,
-        "unchanged backup (empty dirty map)",
-        ours(&[
-            "backup-image",
-            image_name,
-            "--name",
-            "bench",
-            "--parent",
-            "latest",
-            "--changed-ranges",
-            "ranges-empty.txt",
-        ]),
-        &[],
-    )?);
-    let reread = Some(run_owned(
-        &mut runner,
-        "unchanged backup (re-read, no map)",
-        ours(&["backup-image", image_name, "--name", "bench-reread"]),
-        &[],
-    )?);
-    us.open = Some(run_owned(
-        &mut runner,
-        "open + list snapshots",
-        ours(&["snapshots"]),
-        &[],
-    )?);
-
-    if !args.only_ours {
-        eprintln!("restic:");
-        runner.run("init", &["restic", "init"], &restic_env)?;
-        restic.full = Some(runner.run(
-            "full backup",
-            &["restic", "backup", image_name],
-            &restic_env,
-        )?);
-        restic.unchanged = Some(runner.run(
-            "unchanged backup",
-            &["restic", "backup", image_name],
-            &restic_env,
-        )?);
-        restic.open = Some(runner.run(
-            "open + list snapshots",
-            &["restic", "snapshots"],
-            &restic_env,
-        )?);
-        eprintln!("borg:");
-        runner.run("init", &["borg", "init", "--encryption=repokey"], &borg_env)?;
-        borg.full = Some(runner.run(
-            "full backup",
-            &["borg", "create", "::a1", image_name],
-            &borg_env,
-        )?);
-        borg.unchanged = Some(runner.run(
-            "unchanged backup",
-            &["borg", "create", "::a2", image_name],
-            &borg_env,
-        )?);
-    }
-
-    let ranges = change_one_percent(&image, size)?;
-    let ranges_text: String = ranges.iter().map(|(o, l)| format!("{o} {l}\n")).collect();
-    fs::write(work.join("ranges.txt"), ranges_text)?;
-    eprintln!(
-        "changed {} ranges of 4 KiB (1 % of the 4 MiB chunks)",
-        ranges.len()
-    );
-
-    eprintln!("stillpoint:");
-    us.incremental = Some(run_owned(
-        &mut runner,
-        "1% incremental (changed ranges)",
-        ours(&[
-            "backup-image",
-            image_name,
-            "--name",
-            "bench",
-            "--parent",
-            "latest",
-            "--changed-ranges",
-            "ranges.txt",
-        ]),
-        &[],
-    )?);
-    let out_ours = work.join("out-stillpoint");
-    let _ = fs::remove_dir_all(&out_ours);
-    us.restore = Some(run_owned(
-        &mut runner,
-        "restore",
-        ours(&[
-            "restore",
-            "bench:latest",
-            "--to",
-            "out-stillpoint",
-            "--format",
-            "raw",
-        ]),
-        &[],
-    )?);
-    let restored = out_ours.join(image_name);
-    if !files_equal(&image, &restored)? {
-        bail!("stillpoint's restore differs from the image");
-    }
-    fs::remove_dir_all(&out_ours)?;
-    us.finish(&ours_repo);
-
-    if !args.only_ours {
-        eprintln!("restic:");
-        restic.incremental = Some(runner.run(
-            "1% incremental",
-            &["restic", "backup", image_name],
-            &restic_env,
-        )?);
-        let out = work.join("out-restic");
-        let _ = fs::remove_dir_all(&out);
-        restic.restore = Some(runner.run(
-            "restore",
-            &["restic", "restore", "latest", "--target", "out-restic"],
-            &restic_env,
-        )?);
-        let _ = fs::remove_dir_all(&out);
-        restic.finish(&restic_repo);
-        eprintln!("borg:");
-        borg.incremental = Some(runner.run(
-            "1% incremental",
-            &["borg", "create", "::a3", image_name],
-            &borg_env,
-        )?);
-        let out = work.join("out-borg");
-        let _ = fs::remove_dir_all(&out);
-        fs::create_dir_all(&out)?;
-        let borg_repo_abs = borg_repo.to_string_lossy().into_owned();
-        let abs_env = [
-            ("BORG_PASSPHRASE", PASSWORD),
-            ("BORG_REPO", borg_repo_abs.as_str()),
-        ];
-        let mut borg_runner = Runner {
-            exe: runner.exe.clone(),
-            work: out.clone(),
-            step: runner.step,
-        };
-        borg.restore = Some(borg_runner.run("restore", &["borg", "extract", "::a3"], &abs_env)?);
-        let _ = fs::remove_dir_all(&out);
-        borg.finish(&borg_repo);
-    }
-    let _ = fs::remove_file(&pristine);
-
-    let report = Report::new(size, &us, reread, &restic, &borg, args.only_ours);
-    if ctx.global.json {
-        print_json(
-            &serde_json::json!({ "image_bytes": size, "stillpoint": us, "stillpoint_unchanged_reread": reread, "restic": restic, "borg": borg, "rows": report.rows }),
-        )?;
+/// The whole report as JSON, or the human one.
+fn print_report<R: serde::Serialize + std::fmt::Display>(
+    json: bool,
+    report: &R,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        print_json(report)?;
     } else {
-        report.print();
-        let mib = |k: u64| k / 1024;
-        println!();
-        println!(
-            "peak RSS: stillpoint {} MiB (target <= 256), restic {} MiB, borg {} MiB",
-            mib(us.peak_rss_kib),
-            mib(restic.peak_rss_kib),
-            mib(borg.peak_rss_kib)
-        );
-        if let (Some(o), Some(r)) = (us.open, restic.open) {
-            println!(
-                "fixed cost per process (open the repository, derive the key, list snapshots): stillpoint {:.2} s (Argon2id 64 MiB x 3), restic {:.2} s (scrypt)",
-                o.seconds, r.seconds
-            );
-        }
-        let b = |n: u64| bytesize::ByteSize(n).to_string();
-        let ratio = |n: u64| {
-            if n > 0 {
-                format!(" ({:.2}x ours)", n as f64 / us.repo_bytes.max(1) as f64)
-            } else {
-                String::new()
-            }
-        };
-        println!(
-            "repository size after 3 backups: stillpoint {}, restic {}{}, borg {}{}",
-            b(us.repo_bytes),
-            b(restic.repo_bytes),
-            ratio(restic.repo_bytes),
-            b(borg.repo_bytes),
-            ratio(borg.repo_bytes)
-        );
+        print!("{report}");
     }
     Ok(ExitCode::from(EXIT_OK))
-}
-
-#[derive(Debug, Serialize)]
-struct Row {
-    phase: String,
-    ours_mb_s: f64,
-    restic_mb_s: Option<f64>,
-    borg_mb_s: Option<f64>,
-    vs_restic: Option<f64>,
-    vs_borg: Option<f64>,
-    target_vs_restic: Option<f64>,
-}
-
-/// Picks one phase's measurement out of a tool's results.
-type PhaseOf = fn(&ToolResult) -> &Option<Measurement>;
-
-struct Report {
-    rows: Vec<Row>,
-    extra: Vec<String>,
-}
-
-impl Report {
-    fn new(
-        size: u64,
-        us: &ToolResult,
-        reread: Option<Measurement>,
-        restic: &ToolResult,
-        borg: &ToolResult,
-        only_ours: bool,
-    ) -> Self {
-        let mbs = |m: &Option<Measurement>| m.map(|m| size as f64 / 1e6 / m.seconds.max(1e-9));
-        let mut rows = Vec::new();
-        let phases: [(&str, PhaseOf, f64); 4] = [
-            ("full backup", |t| &t.full, 2.0),
-            ("unchanged 2nd backup", |t| &t.unchanged, 5.0),
-            ("1% incremental", |t| &t.incremental, 20.0),
-            ("restore", |t| &t.restore, 2.0),
-        ];
-        for (phase, get, target) in phases {
-            let ours = mbs(get(us)).unwrap_or(0.0);
-            let (r, b) = if only_ours {
-                (None, None)
-            } else {
-                (mbs(get(restic)), mbs(get(borg)))
-            };
-            rows.push(Row {
-                phase: phase.into(),
-                ours_mb_s: ours,
-                restic_mb_s: r,
-                borg_mb_s: b,
-                vs_restic: r.map(|r| ours / r),
-                vs_borg: b.map(|b| ours / b),
-                target_vs_restic: Some(target),
-            });
-        }
-        let mut extra = Vec::new();
-        if let Some(d) = reread {
-            let ours = size as f64 / 1e6 / d.seconds.max(1e-9);
-            let r = mbs(&restic.unchanged);
-            extra.push(format!(
-                "unchanged 2nd backup without a dirty map (re-reads and hashes the image): {ours:.0} MB/s{}",
-                r.map(|r| format!(", {:.1}x restic", ours / r)).unwrap_or_default()
-            ));
-        }
-        Self { rows, extra }
-    }
-
-    fn print(&self) {
-        println!();
-        println!(
-            "{:<22} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8}  verdict",
-            "phase (MB/s of image)",
-            "stillpoint",
-            "restic",
-            "borg",
-            "vs restic",
-            "vs borg",
-            "target"
-        );
-        for r in &self.rows {
-            let opt = |v: Option<f64>, unit: &str| {
-                v.map(|v| format!("{v:.1}{unit}"))
-                    .unwrap_or_else(|| "-".into())
-            };
-            let verdict = match (r.vs_restic, r.target_vs_restic) {
-                (Some(v), Some(t)) if v >= t => "met".to_string(),
-                (Some(v), Some(t)) => format!("MISSED by {:.0}%", (1.0 - v / t) * 100.0),
-                _ => "-".into(),
-            };
-            println!(
-                "{:<22} {:>12.1} {:>12} {:>12} {:>10} {:>10} {:>8}  {verdict}",
-                r.phase,
-                r.ours_mb_s,
-                opt(r.restic_mb_s, ""),
-                opt(r.borg_mb_s, ""),
-                opt(r.vs_restic, "x"),
-                opt(r.vs_borg, "x"),
-                opt(r.target_vs_restic, "x")
-            );
-        }
-        for line in &self.extra {
-            println!("{line}");
-        }
-    }
 }

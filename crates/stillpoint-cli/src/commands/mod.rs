@@ -4,8 +4,6 @@ pub mod annotations;
 pub mod backup;
 pub mod backup_image;
 pub mod bench;
-pub mod bench_capture;
-pub mod bench_freeze;
 pub mod check;
 pub mod demo;
 pub mod freeze;

@@ -1,4 +1,4 @@
-//! `stillpoint bench capture`: what a writer inside the guest sees while a VM is backed up at
+//! `bench capture`: what a writer inside the guest sees while a VM is backed up at
 //! the filesystem level, against the naive sequence hook-based tools follow, plus the capture
 //! path's copy throughput and the cost of an incremental backup.
 //!
@@ -24,16 +24,16 @@
 //! repository settings, a fresh repository each), then changes 1 % of the disk in the guest
 //! and compares the incremental backup's time with the full one's.
 //!
-//! Timings are printed, never judged by tests; the targets are the issue's.
+//! Timings are printed, never judged by tests; the targets come from the table in
+//! `docs/benchmarks.md` ([`crate::targets`]).
 
+use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use clap::Args;
 use rand::{SeedableRng, seq::index::sample};
 use serde::Serialize;
 use stillpoint_engine::backup::{self, BackupEnv, BackupJob, NoProgress};
@@ -48,17 +48,10 @@ use stillpoint_testvm::{
     DiskRecord, LaunchOptions, LaunchedVm, VmConfig, WriterSample, parse_writer_samples, wait_until,
 };
 
-use crate::commands::bench_freeze::Stat;
-use crate::commands::repo::parse_size;
-use crate::context::Context;
-use crate::output::{EXIT_OK, print_json};
+use crate::stats::{Stat, mb_per_s, median, ms};
+use crate::targets::{Bound, Target, Targets};
+use crate::{PASSWORD, Progress};
 
-/// The passphrase of the benchmark's repositories (encrypted, as users run them).
-const PASSWORD: &str = "bench-passphrase-not-secret";
-/// The targets.
-const TARGET_STALL_MS: f64 = 50.0;
-const TARGET_THROUGHPUT_RATIO: f64 = 0.8;
-const TARGET_INCREMENTAL_RATIO: f64 = 0.1;
 /// How long the guest agent's freeze call may take (both sequences).
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the writer may take to show it runs again after an operation.
@@ -70,40 +63,35 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(5);
 const CHANGE_PERCENT: u64 = 1;
 const CHANGE_RUN: u64 = 1 << 20;
 
-#[derive(Debug, Args)]
-pub struct CaptureBenchArgs {
-    /// Data disk sizes, comma-separated (each configuration boots a VM with disks of one size).
-    #[arg(long, value_delimiter = ',', default_value = "256MiB,4GiB", value_parser = parse_size)]
+/// What `bench capture` runs.
+#[derive(Debug, Clone)]
+pub struct CaptureBench {
+    /// Data disk sizes (each configuration boots a VM with disks of one size).
     pub sizes: Vec<u64>,
-    /// Data disk counts, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    /// Data disk counts.
     pub disks: Vec<usize>,
     /// Rounds per configuration, of our backup and of the naive sequence each.
-    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Percent of every data disk filled with incompressible data before boot.
-    #[arg(long, default_value_t = 50)]
     pub fill_percent: u8,
-    /// Pause between rounds, in milliseconds (the writer dirties data again).
-    #[arg(long, default_value_t = 300)]
-    pub gap_ms: u64,
-    /// Rounds of the copy phase (full, 1 % incremental, backup-image), at most --rounds.
-    #[arg(long, default_value_t = 3)]
+    /// Pause between rounds (the writer dirties data again).
+    pub gap: Duration,
+    /// Rounds of the copy phase (full, 1 % incremental, backup-image), at most `rounds`.
     pub copy_rounds: usize,
-    /// Where the stall writer appends: `data` — /data only (the first disk); `all-disks` — one
-    /// loop appending to a file on every data disk in turn, so it also meets the file systems
-    /// the agent freezes first and thaws last.
-    #[arg(long, value_enum, default_value_t = WriterOn::Data)]
+    /// Where the stall writer appends.
     pub writer_on: WriterOn,
-    /// Working directory, kept short (default: a fresh directory under /var/tmp, removed after).
-    #[arg(long)]
+    /// Working directory, kept short (None: a fresh directory under /var/tmp, removed after).
     pub workdir: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+/// Where the stall writer appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum WriterOn {
+    /// `/data` only (the first disk).
     Data,
+    /// One loop appending to a file on every data disk in turn, so it also meets the file
+    /// systems the agent freezes first and thaws last.
     AllDisks,
 }
 
@@ -321,8 +309,10 @@ struct CopyResult {
     incremental_copy_ratio: f64,
 }
 
+/// What `bench capture` measured. Its JSON is the whole result, every round included;
+/// `Display` is the human report, each figure beside its target.
 #[derive(Debug, Serialize)]
-struct BenchResult {
+pub struct CaptureReport {
     accel: String,
     writer_on: WriterOn,
     rounds: usize,
@@ -330,9 +320,13 @@ struct BenchResult {
     naive_copy: &'static str,
     configs: Vec<ShapeResult>,
     copy: CopyResult,
+    #[serde(skip)]
+    targets: Targets,
 }
 
-pub async fn run(ctx: &Context, args: CaptureBenchArgs) -> anyhow::Result<ExitCode> {
+/// Runs the benchmark; `progress` hears every configuration and round as it completes.
+pub async fn run(args: &CaptureBench, progress: &dyn Progress) -> anyhow::Result<CaptureReport> {
+    let targets = Targets::load()?;
     ensure!(args.rounds >= 1, "--rounds must be at least 1");
     ensure!(args.copy_rounds >= 1, "--copy-rounds must be at least 1");
     ensure!(
@@ -353,8 +347,8 @@ pub async fn run(ctx: &Context, args: CaptureBenchArgs) -> anyhow::Result<ExitCo
     }
     let work = WorkDir::new(args.workdir.clone())?;
     let bench = Bench {
-        args: &args,
-        json: ctx.global.json,
+        args,
+        progress,
         work: work.path.clone(),
     };
 
@@ -367,7 +361,7 @@ pub async fn run(ctx: &Context, args: CaptureBenchArgs) -> anyhow::Result<ExitCo
             copy = copied;
         }
     }
-    let result = BenchResult {
+    Ok(CaptureReport {
         writer_on: args.writer_on,
         accel: stillpoint_testvm::Accel::from_env()
             .map(|a| format!("{a:?}").to_lowercase())
@@ -377,13 +371,8 @@ pub async fn run(ctx: &Context, args: CaptureBenchArgs) -> anyhow::Result<ExitCo
         naive_copy: "guest-fsfreeze-freeze, qemu-img convert -U -O raw of each disk image in turn, guest-fsfreeze-thaw",
         configs,
         copy: copy.expect("the copy shape is one of the shapes"),
-    };
-    if ctx.global.json {
-        print_json(&result)?;
-    } else {
-        print_report(&result);
-    }
-    Ok(ExitCode::from(EXIT_OK))
+        targets,
+    })
 }
 
 /// The working directory, removed at the end unless the user named it.
@@ -416,13 +405,13 @@ impl Drop for WorkDir {
 }
 
 struct Bench<'a> {
-    args: &'a CaptureBenchArgs,
-    json: bool,
+    args: &'a CaptureBench,
+    progress: &'a dyn Progress,
     work: PathBuf,
 }
 
 /// One configuration's VM and what talks to it.
-struct Target {
+struct BenchVm {
     vm: LaunchedVm,
     watch: WriterWatch,
     handle: Arc<dyn Vm>,
@@ -431,7 +420,7 @@ struct Target {
     scratch: PathBuf,
 }
 
-impl Target {
+impl BenchVm {
     fn env(&self, repo: Repository) -> BackupEnv {
         BackupEnv {
             platforms: self.platforms.clone(),
@@ -447,9 +436,7 @@ impl Target {
 
 impl Bench<'_> {
     fn say(&self, line: &str) {
-        if !self.json {
-            eprintln!("{line}");
-        }
+        self.progress.line(line);
     }
 
     async fn run_shape(
@@ -479,7 +466,7 @@ impl Bench<'_> {
         .with_context(|| format!("cannot launch the benchmark VM `{name}`"))?;
         vm.wait_until_ready(stillpoint_testvm::BOOT_TIMEOUT).await?;
         let platforms = Platforms::new(QemuInventory::new(vec![], root.clone()));
-        let target = Target {
+        let target = BenchVm {
             handle: platforms.resolve(&name)?,
             platforms,
             guard: GuardContext {
@@ -571,21 +558,21 @@ impl Bench<'_> {
         let _ = std::fs::remove_dir_all(&dir);
 
         let ours = OursSummary {
-            stall: stat_ms(ours.iter().map(|r| r.stall_ms)),
-            quiesce_stall: stat_ms(ours.iter().filter_map(|r| r.quiesce_stall_ms)),
-            freeze_call: stat_ms(ours.iter().map(|r| r.freeze_call_ms)),
-            frozen: stat_ms(ours.iter().map(|r| r.frozen_ms)),
-            thaw_call: stat_ms(ours.iter().map(|r| r.thaw_call_ms)),
-            capture_start: stat_ms(ours.iter().map(|r| r.capture_start_ms)),
-            paused: stat_ms(ours.iter().map(|r| r.paused_ms)),
-            total: stat_ms(ours.iter().map(|r| r.total_ms)),
+            stall: Stat::of_ms(ours.iter().map(|r| r.stall_ms)),
+            quiesce_stall: Stat::of_ms(ours.iter().filter_map(|r| r.quiesce_stall_ms)),
+            freeze_call: Stat::of_ms(ours.iter().map(|r| r.freeze_call_ms)),
+            frozen: Stat::of_ms(ours.iter().map(|r| r.frozen_ms)),
+            thaw_call: Stat::of_ms(ours.iter().map(|r| r.thaw_call_ms)),
+            capture_start: Stat::of_ms(ours.iter().map(|r| r.capture_start_ms)),
+            paused: Stat::of_ms(ours.iter().map(|r| r.paused_ms)),
+            total: Stat::of_ms(ours.iter().map(|r| r.total_ms)),
             rounds: ours,
         };
         let naive = NaiveSummary {
-            stall: stat_ms(naive.iter().map(|r| r.stall_ms)),
-            freeze_call: stat_ms(naive.iter().map(|r| r.freeze_call_ms)),
-            frozen: stat_ms(naive.iter().map(|r| r.frozen_ms)),
-            copy: stat_ms(naive.iter().map(|r| r.copy_ms)),
+            stall: Stat::of_ms(naive.iter().map(|r| r.stall_ms)),
+            freeze_call: Stat::of_ms(naive.iter().map(|r| r.freeze_call_ms)),
+            frozen: Stat::of_ms(naive.iter().map(|r| r.frozen_ms)),
+            copy: Stat::of_ms(naive.iter().map(|r| r.copy_ms)),
             rounds: naive,
         };
         let stall_ratio = naive.stall.median_ms / ours.stall.median_ms;
@@ -597,7 +584,7 @@ impl Bench<'_> {
                 writer_baseline: Stat::of(&baseline),
                 ours,
                 naive,
-                control: stat_ms(controls.iter().map(|c| c.stall_ms)),
+                control: Stat::of_ms(controls.iter().map(|c| c.stall_ms)),
                 controls,
                 stall_ratio,
                 bitmaps_after,
@@ -610,10 +597,10 @@ impl Bench<'_> {
     /// pays for another's I/O), then let the writer dirty some data in the guest again.
     async fn settle(&self) {
         let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
-        tokio::time::sleep(Duration::from_millis(self.args.gap_ms)).await;
+        tokio::time::sleep(self.args.gap).await;
     }
 
-    async fn ours_round(&self, target: &Target, env: &BackupEnv) -> anyhow::Result<OursRound> {
+    async fn ours_round(&self, target: &BenchVm, env: &BackupEnv) -> anyhow::Result<OursRound> {
         let before = target.watch.last_seq();
         let began = Instant::now();
         let report = backup_full(env, target.vm.name(), true).await?;
@@ -656,7 +643,11 @@ impl Bench<'_> {
         })
     }
 
-    async fn control_round(&self, target: &Target, window_ms: f64) -> anyhow::Result<ControlRound> {
+    async fn control_round(
+        &self,
+        target: &BenchVm,
+        window_ms: f64,
+    ) -> anyhow::Result<ControlRound> {
         let before = target.watch.last_seq();
         let began = Instant::now();
         tokio::time::sleep(Duration::from_secs_f64(window_ms / 1000.0)).await;
@@ -669,7 +660,7 @@ impl Bench<'_> {
 
     /// Freeze → copy every disk image while frozen → thaw, the thaw on every path. No guardian:
     /// the VM is attached to this process and dies with it, so it cannot stay frozen.
-    async fn naive_round(&self, target: &Target, out: &Path) -> anyhow::Result<NaiveRound> {
+    async fn naive_round(&self, target: &BenchVm, out: &Path) -> anyhow::Result<NaiveRound> {
         let agent = target
             .handle
             .agent()
@@ -712,7 +703,7 @@ impl Bench<'_> {
     /// disk as a raw file, and an incremental with 1 % of the disk changed against the full.
     async fn copy_phase(
         &self,
-        target: &Target,
+        target: &BenchVm,
         shape: Shape,
         data_per_disk: u64,
         dir: &Path,
@@ -1222,234 +1213,227 @@ fn rusage_cpu_s(who: nix::sys::resource::UsageWho) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
-}
-
-fn stat_ms(values: impl Iterator<Item = f64>) -> Stat {
-    let samples: Vec<Duration> = values
-        .map(|v| Duration::from_secs_f64(v.max(0.0) / 1000.0))
-        .collect();
-    Stat::of(&samples)
-}
-
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut sorted: Vec<f64> = values.collect();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
-fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
-    bytes as f64 / 1e6 / seconds.max(1e-9)
-}
-
-fn verdict(met: bool, by: f64) -> String {
-    if met {
+/// `met`, or `MISSED by N %` of the bound.
+fn verdict(bound: Bound, measured: f64) -> String {
+    if bound.is_met(measured) {
         "met".into()
     } else {
-        format!("MISSED by {by:.0} %")
+        format!("MISSED by {:.0} %", bound.shortfall_percent(measured))
     }
 }
 
-fn print_report(result: &BenchResult) {
-    let cell = |s: &Stat| format!("{:.1} / {:.1}", s.median_ms, s.max_ms);
-    println!();
-    println!(
-        "Capture benchmark ({}, {} rounds per configuration, every disk {} % full of incompressible data)",
-        result.accel.to_uppercase(),
-        result.rounds,
-        result.fill_percent
-    );
-    println!(
-        "writer stall = the longest append of a writer in the guest during the operation (ms, median / max); the writer appends to {}",
-        match result.writer_on {
-            WriterOn::Data => "/data (the first disk)",
-            WriterOn::AllDisks => "a file on every data disk in turn",
+impl fmt::Display for CaptureReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let result = self;
+        let stall_target = self.targets.bound(Target::CaptureStall);
+        let throughput_target = self.targets.bound(Target::CaptureCopyThroughput);
+        let incremental_target = self.targets.bound(Target::CaptureIncremental);
+        let cell = |s: &Stat| format!("{:.1} / {:.1}", s.median_ms, s.max_ms);
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Capture benchmark ({}, {} rounds per configuration, every disk {} % full of incompressible data)",
+            result.accel.to_uppercase(),
+            result.rounds,
+            result.fill_percent
+        )?;
+        writeln!(
+            f,
+            "writer stall = the longest append of a writer in the guest during the operation (ms, median / max); the writer appends to {}",
+            match result.writer_on {
+                WriterOn::Data => "/data (the first disk)",
+                WriterOn::AllDisks => "a file on every data disk in turn",
+            }
+        )?;
+        writeln!(f, "naive = {}", result.naive_copy)?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<12} {:>15} {:>15} {:>15} {:>17} {:>7}  {:>13} {:>13} {:>13} {:>17}",
+            "config",
+            "ours stall",
+            "at the quiesce",
+            "control",
+            "naive stall",
+            "ratio",
+            "ours frozen",
+            "capture start",
+            "vCPUs paused",
+            "naive frozen"
+        )?;
+        for c in &result.configs {
+            writeln!(
+                f,
+                "{:<12} {:>15} {:>15} {:>15} {:>17} {:>6.1}x  {:>13} {:>13} {:>13} {:>17}",
+                format!("{} x {}", c.disks, size_label(c.disk_size)),
+                cell(&c.ours.stall),
+                cell(&c.ours.quiesce_stall),
+                cell(&c.control),
+                cell(&c.naive.stall),
+                c.stall_ratio,
+                cell(&c.ours.frozen),
+                cell(&c.ours.capture_start),
+                cell(&c.ours.paused),
+                cell(&c.naive.frozen),
+            )?;
         }
-    );
-    println!("naive = {}", result.naive_copy);
-    println!();
-    println!(
-        "{:<12} {:>15} {:>15} {:>15} {:>17} {:>7}  {:>13} {:>13} {:>13} {:>17}",
-        "config",
-        "ours stall",
-        "at the quiesce",
-        "control",
-        "naive stall",
-        "ratio",
-        "ours frozen",
-        "capture start",
-        "vCPUs paused",
-        "naive frozen"
-    );
-    for c in &result.configs {
-        println!(
-            "{:<12} {:>15} {:>15} {:>15} {:>17} {:>6.1}x  {:>13} {:>13} {:>13} {:>17}",
-            format!("{} x {}", c.disks, size_label(c.disk_size)),
-            cell(&c.ours.stall),
-            cell(&c.ours.quiesce_stall),
-            cell(&c.control),
-            cell(&c.naive.stall),
-            c.stall_ratio,
-            cell(&c.ours.frozen),
-            cell(&c.ours.capture_start),
-            cell(&c.ours.paused),
-            cell(&c.naive.frozen),
-        );
-    }
-    println!(
-        "(at the quiesce: the longest append overlapping freeze call → thaw; control: the longest append over a window as long as our backup, nothing running; ratio: naive / ours median stall)"
-    );
-    println!();
-    for c in &result.configs {
-        println!(
-            "{} x {}: writer append outside the rounds {} ms; ours: freeze call {} ms, thaw call {} ms, whole backup {:.1} s ({} read); naive copy while frozen {:.0} ms ({} copied)",
-            c.disks,
-            size_label(c.disk_size),
-            cell(&c.writer_baseline),
-            cell(&c.ours.freeze_call),
-            cell(&c.ours.thaw_call),
-            c.ours.total.median_ms / 1000.0,
-            bytesize::ByteSize(c.ours.rounds.first().map_or(0, |r| r.bytes_read)),
-            c.naive.copy.median_ms,
-            bytesize::ByteSize(c.naive.rounds.first().map_or(0, |r| r.bytes_copied)),
-        );
-        let placed: Vec<String> = c
-            .ours
-            .rounds
-            .iter()
-            .map(|r| format!("{:.0} ms in {}", r.stall_ms, r.stall_during.join("+")))
-            .collect();
-        println!("    ours' longest append per round: {}", placed.join(", "));
-        let splits: Vec<QuiesceSplit> = c
-            .ours
-            .rounds
-            .iter()
-            .filter_map(|r| r.quiesce_split_ms)
-            .collect();
-        if !splits.is_empty() {
-            println!(
-                "    ours' longest append at the quiesce lay (median ms): {:.1} in the agent's freeze call, {:.1} between it and the thaw call (capture start), {:.1} in the thaw call",
-                median(splits.iter().map(|s| s.in_freeze_call)),
-                median(splits.iter().map(|s| s.frozen_between)),
-                median(splits.iter().map(|s| s.in_thaw_call)),
-            );
-        }
-        if c.bitmaps_after.len() > 1 {
-            println!(
-                "    note: vd0 holds {} stillpoint dirty bitmaps after {} full backups",
-                c.bitmaps_after.len(),
-                c.ours.rounds.len()
-            );
-        }
-    }
-    let worst = result
-        .configs
-        .iter()
-        .map(|c| c.ours.stall.median_ms)
-        .fold(0.0, f64::max);
-    let best = result
-        .configs
-        .iter()
-        .map(|c| c.ours.stall.median_ms)
-        .fold(f64::INFINITY, f64::min);
-    let quiesce: Vec<f64> = result
-        .configs
-        .iter()
-        .map(|c| c.ours.quiesce_stall.median_ms)
-        .collect();
-    let (q_worst, q_best) = (
-        quiesce.iter().copied().fold(0.0, f64::max),
-        quiesce.iter().copied().fold(f64::INFINITY, f64::min),
-    );
-    println!();
-    println!(
-        "ours, worst median stall {worst:.1} ms (target <= {TARGET_STALL_MS} ms): {}; largest / smallest median across configurations {:.2}x",
-        verdict(
-            worst <= TARGET_STALL_MS,
-            (worst / TARGET_STALL_MS - 1.0) * 100.0
-        ),
-        worst / best
-    );
-    println!(
-        "ours at the quiesce, worst median {q_worst:.1} ms: {}; largest / smallest median {:.2}x",
-        verdict(
-            q_worst <= TARGET_STALL_MS,
-            (q_worst / TARGET_STALL_MS - 1.0) * 100.0
-        ),
-        q_worst / q_best
-    );
-    let copy = &result.copy;
-    println!();
-    println!(
-        "copy throughput ({} x {}, vd0, {} of data): capture path {:.0} MB/s, backup-image of the raw file {:.0} MB/s (medians); ratio, order-balanced {:.0} % (target >= {:.0} %): {}",
-        copy.disks,
-        size_label(copy.disk_size),
-        bytesize::ByteSize(copy.data_per_disk),
-        copy.ours_mb_s,
-        copy.image_mb_s,
-        copy.throughput_ratio * 100.0,
-        TARGET_THROUGHPUT_RATIO * 100.0,
-        verdict(
-            copy.throughput_ratio >= TARGET_THROUGHPUT_RATIO,
-            (1.0 - copy.throughput_ratio / TARGET_THROUGHPUT_RATIO) * 100.0
-        )
-    );
-    let gb = |bytes: u64| bytes as f64 / 1e9;
-    for (i, r) in copy.rounds.iter().enumerate() {
-        println!(
-            "    round {} ({} first): {:.0} vs {:.0} MB/s ({:.0} %); CPU s per GB read — capture path: stillpoint {:.2} + QEMU {:.2}; backup-image: stillpoint {:.2} + QEMU (idle guest) {:.2}",
-            i + 1,
-            if r.image_first {
-                "backup-image"
-            } else {
-                "ours"
-            },
-            r.ours_mb_s,
-            r.image_mb_s,
-            r.ours_mb_s / r.image_mb_s * 100.0,
-            r.ours_cpu_s / gb(r.ours_bytes_read),
-            r.ours_qemu_cpu_s / gb(r.ours_bytes_read),
-            r.image_cpu_s / gb(r.image_bytes_read),
-            r.image_qemu_cpu_s / gb(r.image_bytes_read),
-        );
-    }
-    let first = copy.rounds.first();
-    println!(
-        "1 % incremental ({} changed, {} read): median {:.0} % of the full backup's time (target <= {:.0} %): {}; its copy step {:.0} % of the full's; per round: {}",
-        bytesize::ByteSize(first.map_or(0, |r| r.changed_bytes)),
-        bytesize::ByteSize(first.map_or(0, |r| r.incremental_bytes_read)),
-        copy.incremental_ratio * 100.0,
-        TARGET_INCREMENTAL_RATIO * 100.0,
-        verdict(
-            copy.incremental_ratio <= TARGET_INCREMENTAL_RATIO,
-            (copy.incremental_ratio / TARGET_INCREMENTAL_RATIO - 1.0) * 100.0
-        ),
-        copy.incremental_copy_ratio * 100.0,
-        copy.rounds
-            .iter()
-            .map(|r| format!("{:.0} %", r.incremental_total_ms / r.ours_total_ms * 100.0))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    if let Some(r) = first {
-        let steps = |steps: &[StepRecord]| {
-            steps
+        writeln!(
+            f,
+            "(at the quiesce: the longest append overlapping freeze call → thaw; control: the longest append over a window as long as our backup, nothing running; ratio: naive / ours median stall)"
+        )?;
+        writeln!(f)?;
+        for c in &result.configs {
+            writeln!(
+                f,
+                "{} x {}: writer append outside the rounds {} ms; ours: freeze call {} ms, thaw call {} ms, whole backup {:.1} s ({} read); naive copy while frozen {:.0} ms ({} copied)",
+                c.disks,
+                size_label(c.disk_size),
+                cell(&c.writer_baseline),
+                cell(&c.ours.freeze_call),
+                cell(&c.ours.thaw_call),
+                c.ours.total.median_ms / 1000.0,
+                bytesize::ByteSize(c.ours.rounds.first().map_or(0, |r| r.bytes_read)),
+                c.naive.copy.median_ms,
+                bytesize::ByteSize(c.naive.rounds.first().map_or(0, |r| r.bytes_copied)),
+            )?;
+            let placed: Vec<String> = c
+                .ours
+                .rounds
                 .iter()
-                .filter(|s| s.outcome != "skipped")
-                .map(|s| format!("{} {:.0}", s.name, s.duration_ms))
+                .map(|r| format!("{:.0} ms in {}", r.stall_ms, r.stall_during.join("+")))
+                .collect();
+            writeln!(
+                f,
+                "    ours' longest append per round: {}",
+                placed.join(", ")
+            )?;
+            let splits: Vec<QuiesceSplit> = c
+                .ours
+                .rounds
+                .iter()
+                .filter_map(|r| r.quiesce_split_ms)
+                .collect();
+            if !splits.is_empty() {
+                writeln!(
+                    f,
+                    "    ours' longest append at the quiesce lay (median ms): {:.1} in the agent's freeze call, {:.1} between it and the thaw call (capture start), {:.1} in the thaw call",
+                    median(splits.iter().map(|s| s.in_freeze_call)),
+                    median(splits.iter().map(|s| s.frozen_between)),
+                    median(splits.iter().map(|s| s.in_thaw_call)),
+                )?;
+            }
+            if c.bitmaps_after.len() > 1 {
+                writeln!(
+                    f,
+                    "    note: vd0 holds {} stillpoint dirty bitmaps after {} full backups",
+                    c.bitmaps_after.len(),
+                    c.ours.rounds.len()
+                )?;
+            }
+        }
+        let worst = result
+            .configs
+            .iter()
+            .map(|c| c.ours.stall.median_ms)
+            .fold(0.0, f64::max);
+        let best = result
+            .configs
+            .iter()
+            .map(|c| c.ours.stall.median_ms)
+            .fold(f64::INFINITY, f64::min);
+        let quiesce: Vec<f64> = result
+            .configs
+            .iter()
+            .map(|c| c.ours.quiesce_stall.median_ms)
+            .collect();
+        let (q_worst, q_best) = (
+            quiesce.iter().copied().fold(0.0, f64::max),
+            quiesce.iter().copied().fold(f64::INFINITY, f64::min),
+        );
+        writeln!(f)?;
+        writeln!(
+            f,
+            "ours, worst median stall {worst:.1} ms (target {} {} ms): {}; largest / smallest median across configurations {:.2}x",
+            stall_target.relation,
+            stall_target.limit(),
+            verdict(stall_target, worst),
+            worst / best
+        )?;
+        writeln!(
+            f,
+            "ours at the quiesce, worst median {q_worst:.1} ms: {}; largest / smallest median {:.2}x",
+            verdict(stall_target, q_worst),
+            q_worst / q_best
+        )?;
+        let copy = &result.copy;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "copy throughput ({} x {}, vd0, {} of data): capture path {:.0} MB/s, backup-image of the raw file {:.0} MB/s (medians); ratio, order-balanced {:.0} % (target {} {:.0} %): {}",
+            copy.disks,
+            size_label(copy.disk_size),
+            bytesize::ByteSize(copy.data_per_disk),
+            copy.ours_mb_s,
+            copy.image_mb_s,
+            copy.throughput_ratio * 100.0,
+            throughput_target.relation,
+            throughput_target.value,
+            verdict(throughput_target, copy.throughput_ratio)
+        )?;
+        let gb = |bytes: u64| bytes as f64 / 1e9;
+        for (i, r) in copy.rounds.iter().enumerate() {
+            writeln!(
+                f,
+                "    round {} ({} first): {:.0} vs {:.0} MB/s ({:.0} %); CPU s per GB read — capture path: stillpoint {:.2} + QEMU {:.2}; backup-image: stillpoint {:.2} + QEMU (idle guest) {:.2}",
+                i + 1,
+                if r.image_first {
+                    "backup-image"
+                } else {
+                    "ours"
+                },
+                r.ours_mb_s,
+                r.image_mb_s,
+                r.ours_mb_s / r.image_mb_s * 100.0,
+                r.ours_cpu_s / gb(r.ours_bytes_read),
+                r.ours_qemu_cpu_s / gb(r.ours_bytes_read),
+                r.image_cpu_s / gb(r.image_bytes_read),
+                r.image_qemu_cpu_s / gb(r.image_bytes_read),
+            )?;
+        }
+        let first = copy.rounds.first();
+        writeln!(
+            f,
+            "1 % incremental ({} changed, {} read): median {:.0} % of the full backup's time (target {} {:.0} %): {}; its copy step {:.0} % of the full's; per round: {}",
+            bytesize::ByteSize(first.map_or(0, |r| r.changed_bytes)),
+            bytesize::ByteSize(first.map_or(0, |r| r.incremental_bytes_read)),
+            copy.incremental_ratio * 100.0,
+            incremental_target.relation,
+            incremental_target.value,
+            verdict(incremental_target, copy.incremental_ratio),
+            copy.incremental_copy_ratio * 100.0,
+            copy.rounds
+                .iter()
+                .map(|r| format!("{:.0} %", r.incremental_total_ms / r.ours_total_ms * 100.0))
                 .collect::<Vec<_>>()
                 .join(", ")
-        };
-        println!("    full steps (ms): {}", steps(&r.full_steps));
-        println!(
-            "    incremental steps (ms): {}",
-            steps(&r.incremental_steps)
-        );
+        )?;
+        if let Some(r) = first {
+            let steps = |steps: &[StepRecord]| {
+                steps
+                    .iter()
+                    .filter(|s| s.outcome != "skipped")
+                    .map(|s| format!("{} {:.0}", s.name, s.duration_ms))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            writeln!(f, "    full steps (ms): {}", steps(&r.full_steps))?;
+            writeln!(
+                f,
+                "    incremental steps (ms): {}",
+                steps(&r.incremental_steps)
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -1576,12 +1560,5 @@ mod tests {
         let ratio = order_balanced_ratio(&rounds);
         assert!((ratio - 0.8).abs() < 1e-9, "{ratio}");
         assert!((order_balanced_ratio(&rounds[1..2]) - 0.4).abs() < 1e-9);
-    }
-
-    #[test]
-    fn medians_of_odd_and_even_counts() {
-        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
-        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
-        assert!(median(std::iter::empty()).is_nan());
     }
 }

@@ -1,57 +1,36 @@
-//! `stillpoint bench freeze`: freeze latency, thaw latency and the stall a writer inside the
-//! guest sees during a freeze → thaw round trip, over many rounds, idle and with a writer.
+//! `bench freeze`: freeze latency, thaw latency and the stall a writer inside the guest sees
+//! during a freeze → thaw round trip, over many rounds, idle and with a writer.
 //!
 //! It boots the demo guest (TCG unless `STILLPOINT_ACCEL=kvm`), talks to the real qemu-ga,
 //! and measures the stall from inside the guest: a shell loop appends to `/data` and reports
 //! each append's duration in guest nanoseconds on the serial console, which stays readable
 //! while the guest is frozen.
 
-use std::process::ExitCode;
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use clap::Args;
 use serde::Serialize;
-use stillpoint_qga::LatencySummary;
 use stillpoint_testvm::{LaunchOptions, LaunchedVm, VmConfig, WriterSample, wait_until};
 
-use crate::context::Context;
-use crate::output::{EXIT_OK, print_json};
+use crate::Progress;
+use crate::stats::Stat;
 
-#[derive(Debug, Args)]
-pub struct FreezeBenchArgs {
+/// What `bench freeze` runs.
+#[derive(Debug, Clone)]
+pub struct FreezeBench {
     /// Freeze → thaw rounds per phase.
-    #[arg(long, default_value_t = 20)]
     pub rounds: usize,
-    /// Pause between rounds, in milliseconds (lets the writer dirty some data again).
-    #[arg(long, default_value_t = 300)]
-    pub gap_ms: u64,
+    /// Pause between rounds (lets the writer dirty some data again).
+    pub gap: Duration,
 }
 
-/// Median and max of one measured quantity, in milliseconds.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Stat {
-    pub median_ms: f64,
-    pub max_ms: f64,
-}
-
-impl Stat {
-    pub fn of(samples: &[Duration]) -> Self {
-        match LatencySummary::of(samples) {
-            Some(summary) => Self {
-                median_ms: ms(summary.median),
-                max_ms: ms(summary.max),
-            },
-            None => Self {
-                median_ms: f64::NAN,
-                max_ms: f64::NAN,
-            },
-        }
-    }
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
+/// Both phases, idle and with the writer. Its JSON is the list of phases; `Display` is the
+/// human table.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct FreezeReport {
+    phases: Vec<Phase>,
 }
 
 #[derive(Debug, Serialize)]
@@ -66,14 +45,13 @@ struct Phase {
     writer_baseline: Option<Stat>,
 }
 
-pub async fn run(ctx: &Context, args: FreezeBenchArgs) -> anyhow::Result<ExitCode> {
+/// Runs the benchmark; `progress` hears when the guest boots.
+pub async fn run(args: &FreezeBench, progress: &dyn Progress) -> anyhow::Result<FreezeReport> {
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
     let root = tempfile::Builder::new()
         .prefix("stillpoint-bench-")
         .tempdir()?;
-    if !ctx.global.json {
-        eprintln!("Booting the demo guest (TCG)…");
-    }
+    progress.line("Booting the demo guest (TCG)…");
     let vm = LaunchedVm::launch(
         VmConfig::new("bench-freeze"),
         &LaunchOptions::attached(root.path()),
@@ -87,7 +65,7 @@ pub async fn run(ctx: &Context, args: FreezeBenchArgs) -> anyhow::Result<ExitCod
         .to_path_buf();
 
     let mut agent = stillpoint_qga::connect_unix(&socket, Duration::from_secs(5)).await?;
-    let idle = rounds(&mut agent, &args, None).await?;
+    let idle = rounds(&mut agent, args, None).await?;
     drop(agent); // the writer is started over the agent channel, which takes one client at a time
     vm.start_stall_writer("/data/stall").await?;
     let baseline_from = vm.writer_samples().len();
@@ -97,28 +75,24 @@ pub async fn run(ctx: &Context, args: FreezeBenchArgs) -> anyhow::Result<ExitCod
         .map(WriterSample::latency)
         .collect();
     let mut agent = stillpoint_qga::connect_unix(&socket, Duration::from_secs(5)).await?;
-    let mut writer = rounds(&mut agent, &args, Some(&vm)).await?;
+    let mut writer = rounds(&mut agent, args, Some(&vm)).await?;
     writer.writer_baseline = Some(Stat::of(&baseline));
     drop(agent);
     vm.stop().await?;
 
-    let phases = [idle, writer];
-    if ctx.global.json {
-        print_json(&phases)?;
-    } else {
-        print_table(&phases);
-    }
-    Ok(ExitCode::from(EXIT_OK))
+    Ok(FreezeReport {
+        phases: vec![idle, writer],
+    })
 }
 
 async fn rounds(
     agent: &mut stillpoint_qga::Client<tokio::net::UnixStream>,
-    args: &FreezeBenchArgs,
+    args: &FreezeBench,
     writer: Option<&LaunchedVm>,
 ) -> anyhow::Result<Phase> {
     let (mut freeze, mut thaw, mut stall) = (vec![], vec![], vec![]);
     for _ in 0..args.rounds {
-        tokio::time::sleep(Duration::from_millis(args.gap_ms)).await;
+        tokio::time::sleep(args.gap).await;
         let before = writer.map(|vm| vm.writer_samples().last().map_or(0, |s| s.seq));
         let started = Instant::now();
         agent.fsfreeze_freeze().await.context("freeze")?;
@@ -163,34 +137,42 @@ async fn rounds(
     })
 }
 
-fn print_table(phases: &[Phase]) {
-    println!(
-        "Freeze benchmark: real qemu-ga in the demo guest, {} rounds per phase",
-        phases[0].rounds
-    );
-    println!(
-        "{:<14} {:>22} {:>22} {:>24}",
-        "phase", "freeze median/max", "thaw median/max", "writer stall median/max"
-    );
-    for phase in phases {
-        let cell = |stat: &Stat| format!("{:.1} / {:.1} ms", stat.median_ms, stat.max_ms);
-        println!(
+impl fmt::Display for FreezeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let phases = &self.phases;
+        writeln!(
+            f,
+            "Freeze benchmark: real qemu-ga in the demo guest, {} rounds per phase",
+            phases[0].rounds
+        )?;
+        writeln!(
+            f,
             "{:<14} {:>22} {:>22} {:>24}",
-            phase.name,
-            cell(&phase.freeze),
-            cell(&phase.thaw),
-            phase
-                .writer_stall
-                .as_ref()
-                .map(cell)
-                .unwrap_or_else(|| "-".into())
-        );
-        if let Some(baseline) = &phase.writer_baseline {
-            println!(
-                "{:<14} a write outside the rounds takes {}",
-                "",
-                cell(baseline)
-            );
+            "phase", "freeze median/max", "thaw median/max", "writer stall median/max"
+        )?;
+        for phase in phases {
+            let cell = |stat: &Stat| format!("{:.1} / {:.1} ms", stat.median_ms, stat.max_ms);
+            writeln!(
+                f,
+                "{:<14} {:>22} {:>22} {:>24}",
+                phase.name,
+                cell(&phase.freeze),
+                cell(&phase.thaw),
+                phase
+                    .writer_stall
+                    .as_ref()
+                    .map(cell)
+                    .unwrap_or_else(|| "-".into())
+            )?;
+            if let Some(baseline) = &phase.writer_baseline {
+                writeln!(
+                    f,
+                    "{:<14} a write outside the rounds takes {}",
+                    "",
+                    cell(baseline)
+                )?;
+            }
         }
+        Ok(())
     }
 }
