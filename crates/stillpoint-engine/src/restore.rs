@@ -345,16 +345,21 @@ pub fn plan_restore(
                     origin: &origin,
                 })
             });
+            let defined = defined
+                .map_err(|error| error_chain(&error))
+                .and_then(|defined| match defined_file_clash(&defined, &files) {
+                    Some(clash) => Err(clash),
+                    None => Ok(defined),
+                });
             match defined {
                 Ok(defined) => {
                     files.extend(defined.files.iter().map(|f| f.name.clone()));
                     Some(defined)
                 }
-                Err(error) => {
+                Err(why) => {
                     notes.push(format!(
-                        "the recorded VM definition cannot be used for the restored disks ({}): \
-                         only the disks were restored",
-                        error_chain(&error)
+                        "the recorded VM definition cannot be used for the restored disks \
+                         ({why}): only the disks were restored"
                     ));
                     None
                 }
@@ -552,6 +557,29 @@ fn restore_into(
         definition: plan.definition,
         notes,
     })
+}
+
+/// Why the files a platform's definition writes cannot go beside `disk_files` (a name that
+/// is not a plain file name, or one the restore already writes), if they cannot.
+fn defined_file_clash(defined: &RestoredDefinition, disk_files: &[String]) -> Option<String> {
+    let mut taken: BTreeSet<&str> = disk_files.iter().map(String::as_str).collect();
+    taken.insert(SNAPSHOT_FILE);
+    for file in &defined.files {
+        let plain = Path::new(&file.name).file_name() == Some(std::ffi::OsStr::new(&file.name));
+        if !plain || file.name.starts_with(staging::PREFIX) {
+            return Some(format!(
+                "its file name `{}` is not a plain file name",
+                file.name
+            ));
+        }
+        if !taken.insert(&file.name) {
+            return Some(format!(
+                "its file {} would replace another file of the restore",
+                file.name
+            ));
+        }
+    }
+    None
 }
 
 /// Removes what restores killed outright left in `target`; says so in notes.
@@ -824,6 +852,34 @@ mod tests {
             planned_names(&manifest, &request(&[], ImageFormat::Raw)),
             ["vd0.raw", "vd1.raw", SNAPSHOT_FILE]
         );
+    }
+
+    #[test]
+    fn a_platform_file_that_is_no_plain_name_or_taken_is_refused() {
+        let defined = |name: &str| RestoredDefinition {
+            platform: stillpoint_platform::PlatformKind::Qemu,
+            disks: vec![],
+            unrestored_disks: vec![],
+            notes: vec![],
+            files: vec![DefinitionFile {
+                name: name.into(),
+                role: FileRole::Definition,
+                executable: false,
+                contents: vec![],
+            }],
+            directories: vec![],
+            details: serde_json::Value::Null,
+        };
+        let disks = ["vd0.raw".to_string()];
+        assert_eq!(defined_file_clash(&defined("vm.xml"), &disks), None);
+        for taken in ["vd0.raw", SNAPSHOT_FILE] {
+            let why = defined_file_clash(&defined(taken), &disks).expect("taken");
+            assert!(why.contains("would replace another file"), "{why}");
+        }
+        for odd in ["../x", "a/b", "", ".stillpoint-restore-x"] {
+            let why = defined_file_clash(&defined(odd), &disks).expect("not plain");
+            assert!(why.contains("not a plain file name"), "{odd:?}: {why}");
+        }
     }
 
     #[test]
