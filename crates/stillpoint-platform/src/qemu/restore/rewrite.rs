@@ -19,7 +19,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use crate::{DefinedDisk, VmDefinition};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -27,6 +26,7 @@ use super::cmdline::{CommandLine, Item};
 use super::keyval::{KeyVal, Param};
 use crate::error::{PlatformError, PlatformErrorKind, Result};
 use crate::restore::{BootAccel, TargetDisk};
+use crate::vm::{DefinedDisk, VmDefinition};
 
 /// A file the restored VM needs that is not in the snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
