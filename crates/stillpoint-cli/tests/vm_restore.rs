@@ -3,8 +3,11 @@
 //! written `start-vm.sh` really starts the restored VM, `--boot-test` boots it without
 //! touching the restored files, and repository damage fails the restore loudly.
 //!
-//! One test on purpose: the restored VMs need the source VM's initramfs (an external file,
-//! see docs/restore.md), so the source runs throughout, and at most two VMs run at once.
+//! One VM test on purpose: the restored VMs need the source VM's initramfs (an external file,
+//! see docs/restore.md), so the source runs throughout, and at most two VMs run at once. A
+//! second test, without a VM, kills a real restore with SIGKILL mid-way and checks that the
+//! next restore into the same directory removes what it left (and never what a running
+//! restore stages).
 #![cfg(feature = "vm-tests")]
 
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
@@ -405,4 +408,206 @@ async fn a_filesystem_snapshot_restores_raw_and_qcow2_the_script_starts_it_and_i
         left.is_empty(),
         "a failed restore leaves nothing under a final name: {left:?}"
     );
+}
+
+/// A `stillpoint` with its repository and scratch in `work` (no VM needed).
+fn stillpoint_in(work: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_stillpoint"));
+    command
+        .env("STILLPOINT_PASSWORD", PASSWORD)
+        .env("STILLPOINT_REPO", work.join("repo"))
+        .env("STILLPOINT_RUNTIME_DIR", work.join("runtime"))
+        .env_remove("STILLPOINT_CONFIG")
+        .env_remove("FAILPOINTS")
+        .current_dir(work);
+    command
+}
+
+/// `stillpoint restore` held at `restore::disk-staged` (its disk written into the staging
+/// directory, nothing renamed yet); killed with SIGKILL on drop.
+struct PausedRestore {
+    child: Child,
+    stderr: String,
+}
+
+impl PausedRestore {
+    fn start(work: &Path, snapshot: &str, target: &str) -> Self {
+        let mut child = stillpoint_in(work)
+            .args(["restore", snapshot, "--to", target])
+            .env("FAILPOINTS", "restore::disk-staged=pause")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("stillpoint restore starts");
+        let (send, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("piped");
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut paused = Self {
+            child,
+            stderr: String::new(),
+        };
+        loop {
+            match lines.recv_timeout(Duration::from_secs(300)) {
+                Ok(line) => {
+                    paused.stderr.push_str(&line);
+                    paused.stderr.push('\n');
+                    if line.contains("failpoint restore::disk-staged reached") {
+                        return paused;
+                    }
+                }
+                Err(_) => panic!(
+                    "the restore never reached failpoint restore::disk-staged (is the binary \
+                     built with the `failpoints` feature?); exit {:?}; stderr:\n{}",
+                    paused.child.try_wait(),
+                    paused.stderr
+                ),
+            }
+        }
+    }
+
+    /// SIGKILL, as `kill -9`, and reap.
+    fn kill(mut self) {
+        self.child.kill().expect("kill -9 the restore");
+        let status = self.child.wait().expect("reap the restore");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "killed by SIGKILL: {status:?}"
+        );
+    }
+}
+
+impl Drop for PausedRestore {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The staging directories (`.stillpoint-restore-*`) in `dir`.
+fn staging_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".stillpoint-restore-"))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn run_json(command: &mut Command, code: i32) -> Value {
+    let output = command.arg("--json").output().expect("stillpoint runs");
+    assert_eq!(output.status.code(), Some(code), "{}", text(&output));
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(&output)))
+}
+
+/// A restore killed with SIGKILL mid-way leaves its staging directory (the staged disk); the
+/// next restore into the same directory removes it and restores correctly — while the
+/// staging directory of a restore that still runs is never touched. Real binary, real
+/// SIGKILL; no VM needed (an image snapshot).
+#[test]
+fn a_killed_restores_staging_directory_goes_with_the_next_restore_a_running_ones_stays() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let work = work.path();
+    let init = stillpoint_in(work)
+        .args(["repo", "init"])
+        .output()
+        .expect("stillpoint runs");
+    assert!(init.status.success(), "{}", text(&init));
+    // 48 MiB of incompressible data, so the staged copy is big and really allocated.
+    let image = work.join("disk.img");
+    let made = Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "count=48", "status=none"])
+        .arg(format!("of={}", image.display()))
+        .status()
+        .expect("dd runs");
+    assert!(made.success());
+    let backup = run_json(
+        stillpoint_in(work).args(["backup-image", "disk.img", "--name", "img"]),
+        0,
+    );
+    let snapshot = backup["snapshot"]
+        .as_str()
+        .expect("snapshot id")
+        .to_string();
+    let original = sha256(&image);
+
+    // --- kill -9 mid-way, then the next restore into the same directory -------------------
+    let killed = PausedRestore::start(work, &snapshot, "killed");
+    let target = work.join("killed");
+    let left = staging_dirs(&target);
+    assert_eq!(left.len(), 1, "one staging directory: {left:?}");
+    let staged = left[0].join("disk.raw");
+    assert_eq!(
+        std::fs::metadata(&staged).expect("the staged disk").len(),
+        48 << 20
+    );
+    killed.kill();
+    assert_eq!(
+        entries(&target),
+        [left[0].file_name().unwrap().to_string_lossy().into_owned()],
+        "the killed restore left its staging directory and nothing under a final name"
+    );
+    let allocated = std::fs::metadata(&staged).expect("still there").blocks() * 512;
+    assert!(allocated >= 48 << 20, "{allocated} bytes left behind");
+
+    let next = run_json(
+        stillpoint_in(work).args(["restore", &snapshot, "--to", "killed"]),
+        0,
+    );
+    assert_eq!(
+        entries(&target),
+        ["disk.raw", "snapshot.json"],
+        "the leftover is gone"
+    );
+    assert_eq!(sha256(&target.join("disk.raw")), original, "restored right");
+    let notes: Vec<&str> = next["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    let said = format!(
+        "removed {}, which a killed restore left behind",
+        left[0].display()
+    );
+    assert!(
+        notes.iter().any(|n| n.starts_with(&said)),
+        "{said:?} not in {notes:?}"
+    );
+
+    // --- a restore that still runs keeps its staging directory ----------------------------
+    let running = PausedRestore::start(work, &snapshot, "busy");
+    let busy = work.join("busy");
+    let theirs = staging_dirs(&busy);
+    assert_eq!(theirs.len(), 1, "{theirs:?}");
+    let beside = run_json(
+        stillpoint_in(work).args(["restore", &snapshot, "--to", "busy"]),
+        0,
+    );
+    assert_eq!(
+        staging_dirs(&busy),
+        theirs,
+        "the running restore's staging directory is untouched"
+    );
+    assert!(theirs[0].join("disk.raw").exists());
+    assert_eq!(sha256(&busy.join("disk.raw")), original);
+    assert!(
+        !beside.to_string().contains("killed restore"),
+        "nothing was removed: {beside:#}"
+    );
+    drop(running);
 }

@@ -4,29 +4,35 @@
 //! A restore writes, into the target directory `DIR`:
 //! - `<disk>.raw` or `<disk>.qcow2` for every chosen disk (sparse; see
 //!   `Repository::restore_disk`);
-//! - `vm-definition.json` and `start-vm.sh` when the snapshot recorded how its VM was started
-//!   (the recorded command line rewritten for the restored files, sockets and logs under
-//!   `DIR/run/`: [`rewrite_definition`]);
+//! - the files of the restored VM's definition, when the snapshot recorded how its VM was
+//!   started: the platform that wrote the definition rewrites it for the restored files
+//!   (QEMU: `vm-definition.json` and `start-vm.sh`, sockets and logs under `DIR/run/`);
 //! - `snapshot.json`: which snapshot this is (id, VM, time, requested/achieved level,
 //!   indications) and what the restore noted.
 //!
+//! This module is platform-neutral orchestration: read the snapshot, write the disks, call
+//! the restore capability of the platform that wrote the recorded definition
+//! ([`stillpoint_platform::restorer_for`], held as `Arc<dyn VmRestore>`), report. How a
+//! definition is rewritten and how a restored VM boots is the platform's
+//! (`stillpoint_platform::qemu::restore` for QEMU).
+//!
 //! Invariants:
 //! - Plan, then execute: [`plan_restore`] is a pure function of the manifest and the request
-//!   (which disks, file names, the rewritten definition); [`restore_snapshot`] carries it out.
+//!   (which disks, file names, the restored definition and its files); [`restore_snapshot`]
+//!   carries it out.
 //! - Nothing half-written ever carries a final name: every file is written into a staging
 //!   directory inside `DIR` and renamed into place only when all of them are complete; a
-//!   failed restore removes the staging directory.
+//!   failed restore removes the staging directory. A restore killed outright (SIGKILL) cannot
+//!   remove its own: the staging directory is locked by its restore while it lives, and the
+//!   next restore into `DIR` removes every staging directory whose restore is gone
+//!   ([`staging`]).
 //! - A file that already exists is never overwritten without `force`.
 //! - Every error names the snapshot and, where there is one, the disk and the path;
 //!   repository damage keeps the repository's offset (invariant 4).
-//! - The boot test ([`boot_test()`]) never writes to the restored files: the guest runs on
-//!   qcow2 overlays in a temporary directory, which are removed afterwards.
+//! - The boot test ([`boot_test()`]) never writes to the restored files (the platform runs the
+//!   guest on overlays, removed afterwards).
 
-mod boot_test;
-mod cmdline;
-mod keyval;
-pub mod rewrite;
-mod script;
+pub mod staging;
 mod target;
 
 use std::collections::BTreeSet;
@@ -35,23 +41,23 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use stillpoint_platform::VmDefinition;
+use stillpoint_platform::restore::{DefineRequest, RestoreOrigin};
+use stillpoint_platform::{PlatformError, PlatformErrorKind, VmDefinition};
 use stillpoint_repo::{ImageFormat, Manifest, Repository, RestoreOptions, RestoreStats};
 
-pub use self::boot_test::{BootFilesystem, BootTestReport, BootTestRequest, boot_test};
-pub use self::rewrite::{
-    BootAccel, ExternalFile, RewrittenDefinition, TargetDisk, for_boot_test, rewrite_definition,
+pub use stillpoint_platform::restore::{
+    BootAccel, BootFilesystem, BootTestReport, BootTestRequest, DefinitionFile, FileRole,
+    RestoredDefinition, TargetDisk,
 };
+
 use crate::error::{EngineError, EngineErrorKind, Result, error_chain};
 
-/// The rewritten definition, beside the disks.
-pub const DEFINITION_FILE: &str = "vm-definition.json";
-/// The script that starts the restored VM.
-pub const SCRIPT_FILE: &str = "start-vm.sh";
 /// What was restored.
 pub const SNAPSHOT_FILE: &str = "snapshot.json";
-/// Sockets and logs of the restored VM, below the target directory.
-pub const RUN_DIR: &str = "run";
+/// Reached after each disk is written into the staging directory, before the next one (and
+/// before anything is renamed into place). A test pauses a restore here and kills it
+/// (`FAILPOINTS='restore::disk-staged=pause'`; docs/restore.md).
+pub const FAILPOINT_DISK_STAGED: &str = "restore::disk-staged";
 
 /// What to restore where.
 #[derive(Debug, Clone)]
@@ -103,8 +109,9 @@ pub struct RestorePlan {
     pub disks: Vec<PlannedDisk>,
     /// The definition as the snapshot recorded it.
     pub recorded_definition: Option<VmDefinition>,
-    /// The definition for the restored files; `None` when there is none to write.
-    pub definition: Option<RewrittenDefinition>,
+    /// The definition for the restored files, as the platform that wrote the recorded one
+    /// rewrote it; `None` when there is none to write.
+    pub definition: Option<RestoredDefinition>,
     /// Every file name the restore writes into the target.
     pub files: Vec<String>,
     pub notes: Vec<String>,
@@ -128,14 +135,14 @@ pub struct RestoreOutcome {
     pub snapshot: SnapshotSummary,
     pub target: PathBuf,
     pub disks: Vec<RestoredDisk>,
-    /// `DIR/vm-definition.json`, when written.
+    /// The restored definition's own file (QEMU: `DIR/vm-definition.json`), when written.
     pub definition_file: Option<PathBuf>,
-    /// `DIR/start-vm.sh`, when written.
+    /// What starts the restored VM (QEMU: `DIR/start-vm.sh`), when written.
     pub script_file: Option<PathBuf>,
     pub snapshot_file: PathBuf,
     #[serde(skip)]
     pub recorded_definition: Option<VmDefinition>,
-    pub definition: Option<RewrittenDefinition>,
+    pub definition: Option<RestoredDefinition>,
     pub notes: Vec<String>,
 }
 
@@ -192,6 +199,16 @@ impl SnapshotSummary {
             requested: manifest.requested.clone(),
             achieved: manifest.achieved.clone(),
             indications: manifest.indications.clone(),
+        }
+    }
+
+    /// What the platform's definition files say about where they come from.
+    fn origin(&self) -> RestoreOrigin {
+        RestoreOrigin {
+            vm: self.vm.clone(),
+            snapshot: self.id.clone(),
+            time: self.time.clone(),
+            achieved: self.achieved.clone(),
         }
     }
 }
@@ -302,9 +319,9 @@ pub fn plan_restore(
         None => {
             if notes.is_empty() {
                 notes.push(
-                    "the snapshot recorded no VM definition (its QEMU ran where stillpoint \
-                     could not read its command line, e.g. another host or user): only the \
-                     disks were restored"
+                    "the snapshot recorded no VM definition (its platform could not read how \
+                     the VM was started, e.g. a VM of another host or user): only the disks \
+                     were restored"
                         .into(),
                 );
             }
@@ -319,17 +336,30 @@ pub fn plan_restore(
                     format: format_name(request.format).to_string(),
                 })
                 .collect();
-            match rewrite_definition(recorded, &targets, &target.join(RUN_DIR)) {
-                Ok(rewritten) => {
-                    files.push(DEFINITION_FILE.to_string());
-                    files.push(SCRIPT_FILE.to_string());
-                    Some(rewritten)
+            let origin = SnapshotSummary::of(manifest).origin();
+            let defined = stillpoint_platform::restorer_for(recorded).and_then(|restorer| {
+                restorer.define(&DefineRequest {
+                    recorded,
+                    disks: &targets,
+                    target,
+                    origin: &origin,
+                })
+            });
+            let defined = defined
+                .map_err(|error| error_chain(&error))
+                .and_then(|defined| match defined_file_clash(&defined, &files) {
+                    Some(clash) => Err(clash),
+                    None => Ok(defined),
+                });
+            match defined {
+                Ok(defined) => {
+                    files.extend(defined.files.iter().map(|f| f.name.clone()));
+                    Some(defined)
                 }
-                Err(error) => {
+                Err(why) => {
                     notes.push(format!(
-                        "the recorded VM definition cannot be used for the restored disks ({}): \
-                         only the disks were restored",
-                        error_chain(&error)
+                        "the recorded VM definition cannot be used for the restored disks \
+                         ({why}): only the disks were restored"
                     ));
                     None
                 }
@@ -405,15 +435,14 @@ fn restore_into(
     let plan = plan_restore(manifest, request, &target)?;
     target::check_target(&target, &plan.files, request.force)?;
 
-    let staging = tempfile::Builder::new()
-        .prefix(".stillpoint-restore-")
-        .tempdir_in(&target)
-        .map_err(|e| {
-            io_error(
-                format!("cannot create a staging directory in {}", target.display()),
-                e,
-            )
-        })?;
+    let mut notes = plan.notes.clone();
+    notes.extend(sweep_staging(&target));
+    let staging = staging::Staging::create(&target).map_err(|e| {
+        io_error(
+            format!("cannot create a staging directory in {}", target.display()),
+            e,
+        )
+    })?;
     let mut restored = Vec::new();
     for disk in &plan.disks {
         let staged = staging.path().join(&disk.file_name);
@@ -452,47 +481,16 @@ fn restore_into(
             stats,
             seconds: started.elapsed().as_secs_f64(),
         });
+        crate::failpoints::delay(FAILPOINT_DISK_STAGED);
     }
 
     let summary = SnapshotSummary::of(manifest);
-    let mut notes = plan.notes.clone();
     if let Some(definition) = &plan.definition {
         notes.extend(definition.notes.iter().cloned());
-        let json = serde_json::to_vec_pretty(&DefinitionFile {
-            definition,
-            recorded: plan.recorded_definition.as_ref(),
-            snapshot: &summary.id,
-        })
-        .expect("a definition always serializes");
-        write_staged(staging.path(), DEFINITION_FILE, &json, false)
-            .map_err(|e| io_error(format!("cannot write {DEFINITION_FILE}"), e))?;
-        let header = vec![
-            format!(
-                "Starts VM {} as restored from stillpoint snapshot {} (captured {}, {} consistency).",
-                summary.vm,
-                summary.id,
-                summary.time,
-                summary.achieved.as_deref().unwrap_or("unknown")
-            ),
-            "Written by `stillpoint restore`: the recorded QEMU command line, pointed at the"
-                .into(),
-            "restored disks in this directory; sockets and logs go to run/.".into(),
-        ];
-        let script = script::start_script(
-            &definition.argv,
-            &definition.run_dir,
-            &header,
-            &definition.notes,
-        )
-        .map_err(|error| {
-            EngineError::new(
-                EngineErrorKind::Restore,
-                format!("snapshot {}: cannot write {SCRIPT_FILE}", manifest.id),
-            )
-            .with_source(error)
-        })?;
-        write_staged(staging.path(), SCRIPT_FILE, script.as_bytes(), true)
-            .map_err(|e| io_error(format!("cannot write {SCRIPT_FILE}"), e))?;
+        for file in &definition.files {
+            write_staged(staging.path(), &file.name, &file.contents, file.executable)
+                .map_err(|e| io_error(format!("cannot write {}", file.name), e))?;
+        }
     }
     let snapshot_json = serde_json::to_vec_pretty(&SnapshotFile {
         snapshot: &summary,
@@ -510,7 +508,11 @@ fn restore_into(
                 zero_filled_offsets: &d.stats.damaged_offsets,
             })
             .collect::<Vec<_>>(),
-        definition: plan.definition.as_ref().map(|_| DEFINITION_FILE),
+        definition: plan
+            .definition
+            .as_ref()
+            .and_then(|d| d.file(FileRole::Definition))
+            .map(|f| f.name.as_str()),
         notes: &notes,
     })
     .expect("a summary always serializes");
@@ -524,13 +526,10 @@ fn restore_into(
         std::fs::rename(&from, &to)
             .map_err(|e| io_error(format!("cannot move {} into place", to.display()), e))?;
     }
-    if plan.definition.is_some() {
-        std::fs::create_dir_all(target.join(RUN_DIR)).map_err(|e| {
-            io_error(
-                format!("cannot create {}", target.join(RUN_DIR).display()),
-                e,
-            )
-        })?;
+    for directory in plan.definition.iter().flat_map(|d| &d.directories) {
+        let path = target.join(directory);
+        std::fs::create_dir_all(&path)
+            .map_err(|e| io_error(format!("cannot create {}", path.display()), e))?;
     }
     std::fs::File::open(&target)
         .and_then(|dir| dir.sync_all())
@@ -541,13 +540,16 @@ fn restore_into(
             )
         })?;
     drop(staging);
+    let defined_file = |role| {
+        plan.definition
+            .as_ref()
+            .and_then(|d| d.file(role))
+            .map(|f| target.join(&f.name))
+    };
     Ok(RestoreOutcome {
         snapshot: summary,
-        definition_file: plan
-            .definition
-            .as_ref()
-            .map(|_| target.join(DEFINITION_FILE)),
-        script_file: plan.definition.as_ref().map(|_| target.join(SCRIPT_FILE)),
+        definition_file: defined_file(FileRole::Definition),
+        script_file: defined_file(FileRole::Start),
         snapshot_file: target.join(SNAPSHOT_FILE),
         target,
         disks: restored,
@@ -555,6 +557,80 @@ fn restore_into(
         definition: plan.definition,
         notes,
     })
+}
+
+/// Why the files a platform's definition writes cannot go beside `disk_files` (a name that
+/// is not a plain file name, or one the restore already writes), if they cannot.
+fn defined_file_clash(defined: &RestoredDefinition, disk_files: &[String]) -> Option<String> {
+    let mut taken: BTreeSet<&str> = disk_files.iter().map(String::as_str).collect();
+    taken.insert(SNAPSHOT_FILE);
+    for file in &defined.files {
+        let plain = Path::new(&file.name).file_name() == Some(std::ffi::OsStr::new(&file.name));
+        if !plain || file.name.starts_with(staging::PREFIX) {
+            return Some(format!(
+                "its file name `{}` is not a plain file name",
+                file.name
+            ));
+        }
+        if !taken.insert(&file.name) {
+            return Some(format!(
+                "its file {} would replace another file of the restore",
+                file.name
+            ));
+        }
+    }
+    None
+}
+
+/// Removes what restores killed outright left in `target`; says so in notes.
+fn sweep_staging(target: &Path) -> Vec<String> {
+    let swept = match staging::sweep_abandoned(target) {
+        Ok(swept) => swept,
+        Err(error) => {
+            return vec![format!(
+                "cannot look for staging directories that killed restores left in {}: {error}",
+                target.display()
+            )];
+        }
+    };
+    swept
+        .into_iter()
+        .map(|left| match left.error {
+            None => format!(
+                "removed {}, which a killed restore left behind ({} bytes)",
+                left.path.display(),
+                left.bytes
+            ),
+            Some(error) => format!(
+                "cannot remove {}, which a killed restore left behind: {error}",
+                left.path.display()
+            ),
+        })
+        .collect()
+}
+
+/// Boots the restored VM once, through the restore capability of the platform that wrote
+/// the recorded definition (see [`BootTestRequest`]). `Err` when the test cannot be set up;
+/// a guest that does not come up is a report with `passed: false`.
+pub async fn boot_test(request: &BootTestRequest) -> Result<BootTestReport> {
+    let restorer = stillpoint_platform::restorer_for(&request.recorded).map_err(platform_error)?;
+    restorer.boot_test(request).await.map_err(platform_error)
+}
+
+/// A platform error as the engine's, with the same message and cause (so the chain does not
+/// say it twice).
+fn platform_error(error: PlatformError) -> EngineError {
+    let kind = match error.kind() {
+        PlatformErrorKind::VmDefinition => EngineErrorKind::VmDefinition,
+        PlatformErrorKind::BootTest => EngineErrorKind::BootTest,
+        _ => EngineErrorKind::Platform,
+    };
+    let message = error.to_string();
+    let engine = EngineError::new(kind, message);
+    match error.into_source() {
+        Some(source) => engine.with_source(source),
+        None => engine,
+    }
 }
 
 /// The names a restore of `request` may write, known before the target exists (the
@@ -567,29 +643,20 @@ fn planned_names(manifest: &Manifest, request: &RestoreRequest) -> Vec<String> {
         .filter(|d| request.disks.is_empty() || request.disks.contains(&d.name))
         .map(|d| disk_file_name(&d.name, request.format))
         .collect();
-    if matches!(recorded_definition(manifest), Ok(Some(_))) {
-        names.push(DEFINITION_FILE.into());
-        names.push(SCRIPT_FILE.into());
+    if let Ok(Some(recorded)) = recorded_definition(manifest)
+        && let Ok(restorer) = stillpoint_platform::restorer_for(&recorded)
+    {
+        names.extend(restorer.file_names());
     }
     names.push(SNAPSHOT_FILE.into());
     names
-}
-
-/// `vm-definition.json`: the rewritten definition (its `kind`, `argv` and `disks` read as a
-/// `VmDefinition`), and the one the snapshot recorded.
-#[derive(Serialize)]
-struct DefinitionFile<'a> {
-    #[serde(flatten)]
-    definition: &'a RewrittenDefinition,
-    snapshot: &'a str,
-    recorded: Option<&'a VmDefinition>,
 }
 
 #[derive(Serialize)]
 struct SnapshotFile<'a> {
     snapshot: &'a SnapshotSummary,
     disks: &'a [SnapshotFileDisk<'a>],
-    definition: Option<&'static str>,
+    definition: Option<&'a str>,
     notes: &'a [String],
 }
 
@@ -690,17 +757,14 @@ mod tests {
             [
                 "vd0.qcow2",
                 "vd1.qcow2",
-                DEFINITION_FILE,
-                SCRIPT_FILE,
+                "vm-definition.json",
+                "start-vm.sh",
                 SNAPSHOT_FILE
             ]
         );
         let definition = plan.definition.expect("rewritten");
         assert_eq!(definition.disks[1].image, "/restore/vd1.qcow2");
-        assert_eq!(
-            definition.qmp_socket.as_deref(),
-            Some(Path::new("/restore/run/qmp.sock"))
-        );
+        assert_eq!(definition.details["qmp_socket"], "/restore/run/qmp.sock");
         assert!(plan.notes.is_empty(), "{:?}", plan.notes);
     }
 
@@ -766,6 +830,56 @@ mod tests {
             "{:?}",
             plan.notes
         );
+    }
+
+    /// The platform that wrote the definition picks its restore: one this build cannot
+    /// restore leaves the disks only, saying so.
+    #[test]
+    fn a_definition_of_a_platform_without_a_restore_restores_the_disks_only() {
+        let mut def = definition();
+        def["kind"] = "libvirt".into();
+        let manifest = manifest(serde_json::json!({ "vm_definition": def }), "libvirt:demo");
+        let plan = plan_restore(&manifest, &request(&[], ImageFormat::Raw), Path::new("/r"))
+            .expect("plan");
+        assert!(plan.definition.is_none());
+        assert_eq!(plan.files, ["vd0.raw", "vd1.raw", SNAPSHOT_FILE]);
+        assert!(
+            plan.notes[0].contains("written by the libvirt platform"),
+            "{:?}",
+            plan.notes
+        );
+        assert_eq!(
+            planned_names(&manifest, &request(&[], ImageFormat::Raw)),
+            ["vd0.raw", "vd1.raw", SNAPSHOT_FILE]
+        );
+    }
+
+    #[test]
+    fn a_platform_file_that_is_no_plain_name_or_taken_is_refused() {
+        let defined = |name: &str| RestoredDefinition {
+            platform: stillpoint_platform::PlatformKind::Qemu,
+            disks: vec![],
+            unrestored_disks: vec![],
+            notes: vec![],
+            files: vec![DefinitionFile {
+                name: name.into(),
+                role: FileRole::Definition,
+                executable: false,
+                contents: vec![],
+            }],
+            directories: vec![],
+            details: serde_json::Value::Null,
+        };
+        let disks = ["vd0.raw".to_string()];
+        assert_eq!(defined_file_clash(&defined("vm.xml"), &disks), None);
+        for taken in ["vd0.raw", SNAPSHOT_FILE] {
+            let why = defined_file_clash(&defined(taken), &disks).expect("taken");
+            assert!(why.contains("would replace another file"), "{why}");
+        }
+        for odd in ["../x", "a/b", "", ".stillpoint-restore-x"] {
+            let why = defined_file_clash(&defined(odd), &disks).expect("not plain");
+            assert!(why.contains("not a plain file name"), "{odd:?}: {why}");
+        }
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub enum PlatformErrorKind {
     /// the guest's old data to the scratch area (full, or failing). The guest kept running and
     /// writing; only this backup is lost. The message names the scratch file and the offset.
     CaptureBroken,
+    /// A recorded VM definition cannot be used for a restore (written by a platform this
+    /// build cannot restore, an argument that does not parse, a disk image it does not name).
+    VmDefinition,
+    /// The boot test of a restored VM could not be set up or run.
+    BootTest,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +73,12 @@ impl PlatformError {
 
     pub fn kind(&self) -> PlatformErrorKind {
         self.kind
+    }
+
+    /// The underlying cause, for a caller that re-wraps this error with the same message
+    /// (so that the chain does not say it twice).
+    pub fn into_source(self) -> Option<Box<dyn std::error::Error + Send + Sync + 'static>> {
+        self.source
     }
 
     pub fn vm_not_found(name: &str, why: impl std::fmt::Display) -> Self {

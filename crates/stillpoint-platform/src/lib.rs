@@ -1,11 +1,14 @@
 //! Platform drivers: how stillpoint reaches a VM's guest agent, how it takes a point-in-time
-//! capture of the VM's disks and how it reads that capture.
+//! capture of the VM's disks and how it reads that capture, and how a restored VM is defined
+//! and boot-tested.
 //!
 //! A platform is the hypervisor stack a VM lives on: plain QEMU now (the embedded default and
 //! the test bed), libvirt and KubeVirt later. Drivers are built from small capability traits
-//! (agent access, capture, capture reading) held as `Arc<dyn …>`, so the engine composes them
-//! without knowing which platform it talks to, and a platform may lack a capability (a VM with
-//! no agent channel simply has no agent).
+//! (agent access, capture, capture reading, restore) held as `Arc<dyn …>`, so the engine
+//! composes them without knowing which platform it talks to, and a platform may lack a
+//! capability (a VM with no agent channel simply has no agent). The restore capability is
+//! reached from the platform that wrote a snapshot's VM definition
+//! ([`PlatformKind::restorer`]), since a restore has no running VM to ask.
 //!
 //! VM references are `NAME` (the default platform, `qemu`) or `PLATFORM:NAME`.
 
@@ -13,6 +16,7 @@ pub mod agent;
 pub mod capture;
 pub mod error;
 pub mod qemu;
+pub mod restore;
 pub mod runtime;
 pub mod vm;
 
@@ -22,6 +26,7 @@ pub use capture::{
     StartedCapture,
 };
 pub use error::{PlatformError, PlatformErrorKind, Result};
+pub use restore::{VmRestore, restorer_for};
 pub use vm::{
     DefinedDisk, DiskIdentity, PlatformKind, RunState, Vm, VmDefinition, VmRef, VmStatus,
 };

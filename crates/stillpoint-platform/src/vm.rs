@@ -26,6 +26,13 @@ impl PlatformKind {
             PlatformKind::Kubevirt => "kubevirt",
         }
     }
+
+    /// The platform named `name` (`qemu`, `libvirt`, `kubevirt`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Qemu, Self::Libvirt, Self::Kubevirt]
+            .into_iter()
+            .find(|kind| kind.as_str() == name)
+    }
 }
 
 /// `NAME` (on the default platform, qemu) or `PLATFORM:NAME`.
@@ -108,12 +115,20 @@ pub struct DiskIdentity {
 /// (disk images → the restored files, sockets → new ones).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmDefinition {
-    /// `qemu` (the only kind so far).
+    /// The platform that wrote it (`qemu`; `libvirt`, `kubevirt` later): it picks the
+    /// restore implementation ([`crate::restore::restorer_for`]).
     pub kind: String,
     /// The hypervisor's command line, as it runs now.
     pub argv: Vec<String>,
     /// Disk id → the image file the command line refers to.
     pub disks: Vec<DefinedDisk>,
+}
+
+impl VmDefinition {
+    /// The platform that wrote it, when this build knows that platform.
+    pub fn platform(&self) -> Option<PlatformKind> {
+        PlatformKind::from_name(&self.kind)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,8 +1,10 @@
 //! `stillpoint restore SNAPSHOT --to DIR [--format raw|qcow2] [--disk ID]... [--boot-test]`.
 //!
-//! The restore itself (disks, the rewritten VM definition, `start-vm.sh`, `snapshot.json`)
-//! and the boot test are `stillpoint_engine::restore`; this module is flags, progress bars
-//! and output. docs/restore.md describes what a restore writes.
+//! The restore itself (disks, the restored VM definition's files, `snapshot.json`) and the
+//! boot test are `stillpoint_engine::restore`, which calls the restore capability of the
+//! platform that wrote the snapshot's VM definition (`stillpoint_platform::restore`); this
+//! module is flags, progress bars and output. docs/restore.md describes what a restore
+//! writes.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

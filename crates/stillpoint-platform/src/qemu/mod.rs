@@ -2,6 +2,7 @@
 
 pub mod capture;
 pub mod inventory;
+pub mod restore;
 pub mod vm;
 
 pub use inventory::{QemuInventory, QemuVmSpec, SpecOrigin};

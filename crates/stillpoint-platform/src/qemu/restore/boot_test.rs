@@ -11,12 +11,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
-use stillpoint_platform::qemu::{QemuVm, QemuVmSpec, SpecOrigin};
-use stillpoint_platform::{GuestAgent, RunState, Vm, VmDefinition};
-
-use super::rewrite::{BootAccel, TargetDisk, for_boot_test, rewrite_definition};
-use crate::error::{EngineError, EngineErrorKind, Result};
+use super::rewrite::{for_boot_test, rewrite_definition};
+use crate::error::{PlatformError, PlatformErrorKind, Result};
+use crate::qemu::{QemuVm, QemuVmSpec, SpecOrigin};
+use crate::restore::{BootFilesystem, BootTestReport, BootTestRequest, TargetDisk};
+use crate::{GuestAgent, RunState, Vm};
 
 /// How often the test looks at QEMU and the agent while it waits.
 const POLL: Duration = Duration::from_millis(200);
@@ -24,75 +23,6 @@ const POLL: Duration = Duration::from_millis(200);
 const QUIT_LIMIT: Duration = Duration::from_secs(10);
 /// Console lines kept for a failure report.
 const CONSOLE_TAIL_LINES: usize = 30;
-
-/// What to boot.
-#[derive(Debug, Clone)]
-pub struct BootTestRequest {
-    /// The VM's name (for messages and QEMU's process).
-    pub vm: String,
-    /// The definition as the snapshot recorded it.
-    pub recorded: VmDefinition,
-    /// The restored disks (every disk of the definition).
-    pub disks: Vec<TargetDisk>,
-    pub accel: BootAccel,
-    /// Until QMP says `running`.
-    pub start_timeout: Duration,
-    /// Until the agent answers (a TCG guest needs ~4 s; slow hosts and real OSes more).
-    pub agent_timeout: Duration,
-    /// Where the temporary directory (overlays, sockets, logs) goes; default: the system's
-    /// temporary directory. Keep it short: unix socket paths end at 107 bytes.
-    pub scratch_parent: Option<std::path::PathBuf>,
-}
-
-impl BootTestRequest {
-    pub fn new(vm: String, recorded: VmDefinition, disks: Vec<TargetDisk>) -> Self {
-        Self {
-            vm,
-            recorded,
-            disks,
-            accel: BootAccel::Tcg,
-            start_timeout: Duration::from_secs(30),
-            agent_timeout: Duration::from_secs(120),
-            scratch_parent: None,
-        }
-    }
-}
-
-/// One filesystem the restored guest's agent reported.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct BootFilesystem {
-    pub mountpoint: String,
-    #[serde(rename = "type")]
-    pub fs_type: String,
-    /// The guest's device name (`vda`).
-    pub device: String,
-}
-
-/// What the boot test saw.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct BootTestReport {
-    /// Every check held.
-    pub passed: bool,
-    /// QMP reported the VM `running`.
-    pub booted: bool,
-    /// The definition has a guest agent channel the test could reach.
-    pub agent_channel: bool,
-    pub agent_answered: bool,
-    pub seconds_to_running: Option<f64>,
-    /// From QEMU's start to the first answered `guest-ping`.
-    pub seconds_to_agent: Option<f64>,
-    pub filesystems: Vec<BootFilesystem>,
-    /// The guest OS as its agent names it.
-    pub os: Option<String>,
-    pub restored_images_untouched: bool,
-    /// Why it failed.
-    pub failure: Option<String>,
-    /// The guest console's (or QEMU's output's) last lines, on failure.
-    pub console_tail: Option<String>,
-    /// The command line the test ran.
-    pub argv: Vec<String>,
-    pub notes: Vec<String>,
-}
 
 /// Boots the restored VM once (see the module doc). `Err` when the test cannot be set up
 /// (no overlay, no QEMU); a guest that does not come up is a report with `passed: false`.
@@ -137,8 +67,8 @@ pub async fn boot_test(request: &BootTestRequest) -> Result<BootTestReport> {
         create_overlay(&disk.path, &disk.format, &overlay)
             .await
             .map_err(|e| {
-                EngineError::new(
-                    EngineErrorKind::BootTest,
+                PlatformError::new(
+                    PlatformErrorKind::BootTest,
                     format!(
                         "VM {}: disk {}: cannot create the overlay",
                         request.vm, disk.id
@@ -166,8 +96,8 @@ pub async fn boot_test(request: &BootTestRequest) -> Result<BootTestReport> {
     let log_path = temp.path().join("qemu.log");
     let program = program_to_run(&argv[0], &mut report.notes);
     let qemu = QemuProcess::spawn(&program, &argv[1..], temp.path(), &log_path).map_err(|e| {
-        EngineError::new(
-            EngineErrorKind::BootTest,
+        PlatformError::new(
+            PlatformErrorKind::BootTest,
             format!("VM {}: cannot start {program}", request.vm),
         )
         .with_source(e)
@@ -392,8 +322,8 @@ fn sanitize(id: &str) -> String {
         .collect()
 }
 
-fn boot_error(message: impl Into<String>) -> EngineError {
-    EngineError::new(EngineErrorKind::BootTest, message)
+fn boot_error(message: impl Into<String>) -> PlatformError {
+    PlatformError::new(PlatformErrorKind::BootTest, message)
 }
 
 /// QEMU in its own process group, killed (the whole group) when this handle drops, and by
@@ -475,9 +405,8 @@ mod tests {
     //! scratch directory removed. The passing path, with a real guest, is the CLI's
     //! `vm_restore` test.
 
-    use stillpoint_platform::DefinedDisk;
-
     use super::*;
+    use crate::{DefinedDisk, VmDefinition};
 
     /// A VM definition recorded elsewhere (`/orig/…`) with one qcow2 disk and an agent
     /// channel, and a "restored" image for it in `dir`.
@@ -608,7 +537,7 @@ mod tests {
         let mut request = fixture(dir.path(), &[]);
         request.disks.clear();
         let error = boot_test(&request).await.expect_err("no disks");
-        assert_eq!(error.kind(), EngineErrorKind::BootTest);
+        assert_eq!(error.kind(), PlatformErrorKind::BootTest);
         assert_eq!(
             error.to_string(),
             "VM fixture: the boot test needs every disk of the VM restored; missing: vd0"

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::cmdline::{CommandLine, Item};
-use crate::error::{EngineError, EngineErrorKind, Result};
+use crate::error::{PlatformError, PlatformErrorKind, Result};
 
 /// The script's text: a comment header (`header` lines, then `notes`), creation of
 /// `run_dir`, then `exec` of `argv`. Fails only for an argv word holding a NUL byte, which no
@@ -17,8 +17,8 @@ pub(crate) fn start_script(
     notes: &[String],
 ) -> Result<String> {
     let Some(line) = CommandLine::parse(argv) else {
-        return Err(EngineError::new(
-            EngineErrorKind::VmDefinition,
+        return Err(PlatformError::new(
+            PlatformErrorKind::VmDefinition,
             "the command line to write into start-vm.sh is empty",
         ));
     };
@@ -74,8 +74,8 @@ fn quote(word: &str) -> Result<String> {
     shlex::try_quote(word)
         .map(|quoted| quoted.into_owned())
         .map_err(|error| {
-            EngineError::new(
-                EngineErrorKind::VmDefinition,
+            PlatformError::new(
+                PlatformErrorKind::VmDefinition,
                 format!("the argument {word:?} cannot be written into a shell script"),
             )
             .with_source(error)

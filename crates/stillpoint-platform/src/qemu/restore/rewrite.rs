@@ -21,22 +21,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use stillpoint_platform::{DefinedDisk, VmDefinition};
 
 use super::cmdline::{CommandLine, Item};
 use super::keyval::{KeyVal, Param};
-use crate::error::{EngineError, EngineErrorKind, Result};
-
-/// Where one restored disk now is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TargetDisk {
-    /// The disk id of the definition (`vd0`).
-    pub id: String,
-    /// The restored image (absolute).
-    pub path: PathBuf,
-    /// `raw` or `qcow2`.
-    pub format: String,
-}
+use crate::error::{PlatformError, PlatformErrorKind, Result};
+use crate::restore::{BootAccel, TargetDisk};
+use crate::vm::{DefinedDisk, VmDefinition};
 
 /// A file the restored VM needs that is not in the snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,8 +151,8 @@ pub fn rewrite_definition(
     rewriter.finish(recorded, line)
 }
 
-fn definition_error(message: impl Into<String>) -> EngineError {
-    EngineError::new(EngineErrorKind::VmDefinition, message)
+fn definition_error(message: impl Into<String>) -> PlatformError {
+    PlatformError::new(PlatformErrorKind::VmDefinition, message)
 }
 
 fn at(item_position: usize, option: &str) -> String {
@@ -874,16 +864,6 @@ fn socket_is_server(kv: &KeyVal) -> bool {
     })
 }
 
-/// How the boot test runs the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BootAccel {
-    /// Software emulation: works everywhere.
-    Tcg,
-    /// Whatever the recorded line asks for (KVM): only where KVM runs guests.
-    AsRecorded,
-}
-
 /// Adapts a rewritten command line for an unattended test boot: the accelerator (TCG unless
 /// `accel` keeps the recorded one), no `-S`, no displays, networks cut off (`user` with
 /// `restrict=on`, so a restored copy never meets the original's network), and a QMP monitor
@@ -1449,7 +1429,7 @@ mod tests {
             &disks,
         );
         let error = rewrite_definition(&broken, &targets, run).expect_err("bad JSON");
-        assert_eq!(error.kind(), EngineErrorKind::VmDefinition);
+        assert_eq!(error.kind(), PlatformErrorKind::VmDefinition);
         assert_eq!(error.to_string(), "argument 3 (-blockdev): not valid JSON");
 
         let elsewhere = definition(argv(&["qemu", "-m", "1G"]), &disks);
