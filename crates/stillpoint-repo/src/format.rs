@@ -107,6 +107,17 @@ pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 pub const KEY_WRAP_AAD: &[u8] = b"stillpoint master key v1";
 /// Length of the master key material: data key (32) then chunk-id key (32).
 pub const MASTER_KEY_LEN: usize = 64;
+/// Length of the Argon2id salt in a key file.
+pub const KDF_SALT_LEN: usize = 16;
+/// Largest Argon2id memory a key file may ask for (1 GiB, in KiB): a damaged key file must
+/// not make every command allocate without limit.
+pub const MAX_KDF_MEMORY_KIB: u32 = 1 << 20;
+/// Most Argon2id passes a key file may ask for (at 1 GiB, some 20 s here).
+pub const MAX_KDF_ITERATIONS: u32 = 16;
+/// Most Argon2id lanes a key file may ask for.
+pub const MAX_KDF_PARALLELISM: u32 = 16;
+/// Largest `config` or key file object this build reads (they are a few hundred bytes).
+pub const MAX_JSON_OBJECT_LEN: u64 = 64 << 10;
 
 /// zstd output is kept only when it is at most this fraction (num/den) of the input;
 /// otherwise the chunk is stored raw (it costs a little space, saves decompression later).

@@ -11,7 +11,7 @@
 //! # fn main() -> Result<()> {
 //! let dir = tempfile::tempdir().unwrap();
 //! std::fs::write(dir.path().join("disk.img"), vec![7u8; 100_000]).unwrap();
-//! let options = InitOptions { passphrase: Some("secret".into()), kdf: KdfParams::for_tests(), ..Default::default() };
+//! let options = InitOptions { passphrase: Some(SecretString::from("secret")), kdf: KdfParams::for_tests(), ..Default::default() };
 //! let repo = Repository::init_local(dir.path().join("repo"), &options)?;
 //!
 //! // The engine's side: one session per VM, N disks, then publish (atomic, last).
@@ -116,3 +116,6 @@ pub use crate::retention::{Decision, KeepRules, RetentionPlan, SnapshotSummary, 
 pub use crate::source::{AsyncDiskSource, BlockingBridge, DiskSource, Extent, FileSource};
 pub use crate::verify::{Problem, VerifyReport};
 pub use crate::writer::{BackupOptions, BackupSession, DiskInput, Progress};
+/// The passphrase type of [`Repository::init`] and [`Repository::open`] (wiped on drop,
+/// printed as `[REDACTED]`).
+pub use secrecy::{ExposeSecret, SecretString};

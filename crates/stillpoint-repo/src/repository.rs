@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use secrecy::SecretString;
 
 use crate::backend::{Backend, LocalBackend};
 use crate::blob::{self, BlobEncoder};
@@ -25,7 +26,7 @@ pub struct InitOptions {
     /// Fixed chunk size (power of two, 64 KiB – 64 MiB).
     pub chunk_size: u32,
     /// `Some(passphrase)` for an encrypted repository, `None` for an unencrypted one.
-    pub passphrase: Option<String>,
+    pub passphrase: Option<SecretString>,
     /// Argon2id costs.
     pub kdf: KdfParams,
     /// zstd level.
@@ -141,7 +142,7 @@ impl Repository {
     }
 
     /// Opens the repository in `backend`. `passphrase` is needed iff it is encrypted.
-    pub fn open(backend: Arc<dyn Backend>, passphrase: Option<&str>) -> Result<Self> {
+    pub fn open(backend: Arc<dyn Backend>, passphrase: Option<&SecretString>) -> Result<Self> {
         let location = backend.location();
         let bytes = match backend.get(CONFIG) {
             Ok(bytes) => bytes,
@@ -189,7 +190,7 @@ impl Repository {
     /// Opens a repository in a local directory.
     pub fn open_local(
         path: impl Into<std::path::PathBuf>,
-        passphrase: Option<&str>,
+        passphrase: Option<&SecretString>,
     ) -> Result<Self> {
         let path = path.into();
         if !path.exists() {
@@ -202,7 +203,7 @@ impl Repository {
         Self::open(Arc::new(LocalBackend::new(path)), passphrase)
     }
 
-    fn unlock(backend: &dyn Backend, passphrase: &str, location: &str) -> Result<Keys> {
+    fn unlock(backend: &dyn Backend, passphrase: &SecretString, location: &str) -> Result<Keys> {
         let key_objects = backend.list(KEYS)?;
         if key_objects.is_empty() {
             return Err(

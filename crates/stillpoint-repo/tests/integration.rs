@@ -13,18 +13,22 @@ use rand::{Rng, RngCore, SeedableRng};
 use rstest::rstest;
 use stillpoint_repo::{
     BackupOptions, DiskInput, DiskSource, ErrorKind, Extent, FileSource, ImageFormat, InitOptions,
-    KdfParams, KeepRules, Repository, RestoreOptions, SnapshotInfo,
+    KdfParams, KeepRules, Repository, RestoreOptions, SecretString, SnapshotInfo,
 };
 
 const CHUNK: u32 = 64 << 10;
 const PASS: &str = "test passphrase";
+
+fn pass() -> SecretString {
+    SecretString::from(PASS)
+}
 
 fn init(dir: &Path, encrypted: bool, grace: Duration) -> Repository {
     Repository::init_local(
         dir.join("repo"),
         &InitOptions {
             chunk_size: CHUNK,
-            passphrase: encrypted.then(|| PASS.to_string()),
+            passphrase: encrypted.then(pass),
             kdf: KdfParams::for_tests(),
             gc_grace: grace,
             ..Default::default()
@@ -140,7 +144,8 @@ fn round_trip_is_byte_identical(
     make_image(&image, size, content, 7);
     let manifest = backup(&repo, "vm", &image);
     // Reopen with the passphrase, as a later process would.
-    let repo = Repository::open_local(dir.path().join("repo"), encrypted.then_some(PASS)).unwrap();
+    let repo =
+        Repository::open_local(dir.path().join("repo"), encrypted.then(pass).as_ref()).unwrap();
     let manifest = repo.find_snapshot(&manifest.id[..8]).unwrap();
     let out = dir.path().join("restored");
     restore(&repo, &manifest, &out);
@@ -418,13 +423,13 @@ fn flipped_index_and_manifest_bits_are_reported() {
 #[test]
 fn opening_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Repository::open_local(dir.path().join("nope"), Some(PASS)).unwrap_err();
+    let err = Repository::open_local(dir.path().join("nope"), Some(&pass())).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NoRepository);
     assert!(err.to_string().contains("nope"));
 
     init(dir.path(), true, Duration::from_secs(60));
     let root = dir.path().join("repo");
-    let err = Repository::open_local(&root, Some("wrong")).unwrap_err();
+    let err = Repository::open_local(&root, Some(&SecretString::from("wrong"))).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::WrongPassphrase);
     assert_eq!(
         Repository::open_local(&root, None).unwrap_err().kind(),
@@ -433,7 +438,7 @@ fn opening_errors_are_clear() {
     let err = Repository::init_local(
         &root,
         &InitOptions {
-            passphrase: Some("x".into()),
+            passphrase: Some(SecretString::from("x")),
             kdf: KdfParams::for_tests(),
             ..Default::default()
         },
@@ -447,7 +452,7 @@ fn opening_errors_are_clear() {
         config.replace("\"version\": 1", "\"version\": 99"),
     )
     .unwrap();
-    let err = Repository::open_local(&root, Some(PASS)).unwrap_err();
+    let err = Repository::open_local(&root, Some(&pass())).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::UnsupportedVersion);
     assert!(err.to_string().contains("version 99"), "{err}");
 }
