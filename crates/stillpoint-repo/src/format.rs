@@ -103,6 +103,9 @@ pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
 /// Largest chunk size `init` accepts.
 pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 
+/// Largest `gc_grace_seconds` accepted (about 100 years): time arithmetic never overflows.
+pub const MAX_GC_GRACE_SECONDS: u64 = 100 * 366 * 24 * 3600;
+
 /// Associated data that binds the wrapped master key to its purpose.
 pub const KEY_WRAP_AAD: &[u8] = b"stillpoint master key v1";
 /// Length of the master key material: data key (32) then chunk-id key (32).

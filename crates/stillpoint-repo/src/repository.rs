@@ -12,8 +12,8 @@ use crate::config::{Config, Encryption};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::keys::{CHUNKS, CONFIG, INDEXES, KEYS, SNAPSHOTS};
 use crate::format::{
-    CHUNK_BLOB_MAGIC, CONFIG_FORMAT_NAME, DEFAULT_CHUNK_SIZE, INDEX_BLOB_MAGIC,
-    MANIFEST_BLOB_MAGIC, REPO_FORMAT_VERSION,
+    BLOB_HEADER_LEN, CHUNK_BLOB_MAGIC, CONFIG_FORMAT_NAME, DEFAULT_CHUNK_SIZE, ENCRYPTION_NONE,
+    INDEX_BLOB_MAGIC, MANIFEST_BLOB_MAGIC, MAX_JSON_OBJECT_LEN, REPO_FORMAT_VERSION,
 };
 use crate::index::{Digest, DiskIndex};
 use crate::keys::{KdfParams, KeyFile, Keys, random_bytes};
@@ -75,6 +75,8 @@ impl Repository {
     /// Creates a repository in `backend`; fails if one is there already.
     pub fn init(backend: Arc<dyn Backend>, options: &InitOptions) -> Result<Self> {
         Config::check_chunk_size(options.chunk_size)?;
+        Config::check_zstd_level(options.zstd_level)?;
+        Config::check_gc_grace(options.gc_grace.as_secs())?;
         let location = backend.location();
         if backend.stat(CONFIG)?.is_some() {
             return Err(
@@ -136,14 +138,44 @@ impl Repository {
         })
     }
 
-    /// Creates a repository in a local directory.
+    /// Creates a repository in a local directory: a new path, or an empty directory. A
+    /// directory holding anything else is refused (naming it), so that a repository is never
+    /// mixed into unrelated files.
     pub fn init_local(path: impl Into<std::path::PathBuf>, options: &InitOptions) -> Result<Self> {
+        let path = path.into();
+        match std::fs::read_dir(&path) {
+            Ok(mut entries) => {
+                if entries.next().is_some() && !path.join(CONFIG).exists() {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        "the directory is not empty and holds no stillpoint repository: give a new path or an empty directory",
+                    )
+                    .with_path(&path));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(
+                    Error::io("cannot use this path for a new repository", e).with_path(&path)
+                );
+            }
+        }
         Self::init(Arc::new(LocalBackend::new(path)), options)
     }
 
     /// Opens the repository in `backend`. `passphrase` is needed iff it is encrypted.
     pub fn open(backend: Arc<dyn Backend>, passphrase: Option<&SecretString>) -> Result<Self> {
         let location = backend.location();
+        let config_path = format!("{location}/{CONFIG}");
+        if let Some(meta) = backend.stat(CONFIG)?
+            && meta.size > MAX_JSON_OBJECT_LEN
+        {
+            return Err(Error::corrupt(format!(
+                "repository config is {} bytes, more than the {MAX_JSON_OBJECT_LEN} a config may have",
+                meta.size
+            ))
+            .with_path(&config_path));
+        }
         let bytes = match backend.get(CONFIG) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == ErrorKind::Missing => {
@@ -156,8 +188,14 @@ impl Repository {
             Err(e) => return Err(e),
         };
         let config = Config::from_json(&bytes, &location)?;
+        // The encryption mode is bound to the key material: key files exist exactly when the
+        // repository is encrypted. `config` is plain JSON that whoever can write to the
+        // storage can edit; a config saying "none" beside key files (or encrypted snapshots)
+        // is a downgrade attempt or damage, never a reason to write in clear.
+        let key_objects = backend.list(KEYS)?;
         let keys = match config.encryption {
             Encryption::None => {
+                Self::check_really_unencrypted(backend.as_ref(), &key_objects, &config_path)?;
                 let id_key: [u8; 32] = config
                     .id_key
                     .as_deref()
@@ -165,7 +203,7 @@ impl Repository {
                     .and_then(|k| k.try_into().ok())
                     .ok_or_else(|| {
                         Error::corrupt("unencrypted repository config lacks a valid id_key")
-                            .with_path(format!("{location}/config"))
+                            .with_path(&config_path)
                     })?;
                 Keys::unencrypted(id_key)
             }
@@ -177,7 +215,7 @@ impl Repository {
                     )
                     .with_path(&location)
                 })?;
-                Self::unlock(backend.as_ref(), passphrase, &location)?
+                Self::unlock(backend.as_ref(), key_objects, passphrase, &location)?
             }
         };
         Ok(Self {
@@ -203,14 +241,57 @@ impl Repository {
         Self::open(Arc::new(LocalBackend::new(path)), passphrase)
     }
 
-    fn unlock(backend: &dyn Backend, passphrase: &SecretString, location: &str) -> Result<Keys> {
-        let key_objects = backend.list(KEYS)?;
+    /// Refuses a config that says "none" in a repository holding key files or encrypted
+    /// snapshots (the first manifest's header tells, one ranged read).
+    fn check_really_unencrypted(
+        backend: &dyn Backend,
+        key_objects: &[crate::backend::ObjectMeta],
+        config_path: &str,
+    ) -> Result<()> {
+        let refuse = |evidence: String| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "repository config says \"encryption\": \"none\" but {evidence}: the config does not match the key material (edited or damaged); refusing to read or write in clear"
+                ),
+            )
+            .with_path(config_path)
+        };
+        if let Some(key) = key_objects.first() {
+            return Err(refuse(format!(
+                "the repository has key files ({})",
+                key.key
+            )));
+        }
+        if let Some(first) = backend.list(SNAPSHOTS)?.first() {
+            let header = backend.get_range(&first.key, 0, BLOB_HEADER_LEN as u64)?;
+            if header.len() == BLOB_HEADER_LEN && header[9] != ENCRYPTION_NONE {
+                return Err(refuse(format!("snapshot {} is encrypted", first.key)));
+            }
+        }
+        Ok(())
+    }
+
+    fn unlock(
+        backend: &dyn Backend,
+        key_objects: Vec<crate::backend::ObjectMeta>,
+        passphrase: &SecretString,
+        location: &str,
+    ) -> Result<Keys> {
         if key_objects.is_empty() {
-            return Err(
-                Error::corrupt("the encrypted repository has no key files").with_path(location)
-            );
+            return Err(Error::corrupt(
+                "the repository config says it is encrypted but there are no key files (keys/)",
+            )
+            .with_path(location));
         }
         for meta in key_objects {
+            if meta.size > MAX_JSON_OBJECT_LEN {
+                return Err(Error::corrupt(format!(
+                    "key file is {} bytes, more than the {MAX_JSON_OBJECT_LEN} a key file may have",
+                    meta.size
+                ))
+                .with_path(&meta.key));
+            }
             let bytes = backend.get(&meta.key)?;
             let file: KeyFile = serde_json::from_slice(&bytes).map_err(|e| {
                 Error::corrupt("key file is not valid JSON")

@@ -754,3 +754,80 @@ fn prune_keeps_the_parent_of_a_running_backup() {
         .unwrap();
     assert_eq!(report.deleted, vec![old.id]);
 }
+
+/// Whoever can write to the storage edits `config` to say "none" (adding an id key, as an
+/// unencrypted config has): the repository refuses to open instead of writing in clear.
+#[test]
+fn a_config_downgraded_to_no_encryption_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), true, Duration::from_secs(3600));
+    let image = dir.path().join("image");
+    make_image(&image, 1 << 20, Content::Mixed, 9);
+    backup(&repo, "vm", &image);
+    let root = dir.path().join("repo");
+    let config_path = root.join("config");
+    let config = fs::read_to_string(&config_path).unwrap();
+    let downgraded = config.replace(
+        "\"encryption\": \"aes256-gcm\",",
+        &format!(
+            "\"encryption\": \"none\",\n  \"id_key\": \"{}\",",
+            "ab".repeat(32)
+        ),
+    );
+    assert_ne!(config, downgraded);
+    fs::write(&config_path, &downgraded).unwrap();
+    for passphrase in [None, Some(pass())] {
+        let err = Repository::open_local(&root, passphrase.as_ref()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        let message = err.to_string();
+        assert!(message.contains("\"encryption\": \"none\""), "{message}");
+        assert!(message.contains("key files"), "{message}");
+        assert!(
+            message.contains(&config_path.display().to_string()),
+            "{message}"
+        );
+    }
+    // Also with the key files removed: the encrypted snapshots give it away.
+    fs::remove_dir_all(root.join("keys")).unwrap();
+    let message = Repository::open_local(&root, None).unwrap_err().to_string();
+    assert!(message.contains("is encrypted"), "{message}");
+    assert!(message.contains("snapshots/"), "{message}");
+}
+
+#[test]
+fn init_refuses_a_non_empty_unrelated_directory_and_bad_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("photos");
+    fs::create_dir(&target).unwrap();
+    fs::write(target.join("holiday.jpg"), b"not a repository").unwrap();
+    let options = InitOptions {
+        passphrase: Some(pass()),
+        kdf: KdfParams::for_tests(),
+        chunk_size: CHUNK,
+        ..Default::default()
+    };
+    let err = Repository::init_local(&target, &options).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("not empty"), "{err}");
+    assert!(
+        err.to_string().contains(&target.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(fs::read_dir(&target).unwrap().count(), 1, "nothing written");
+    // An empty directory and a new path are fine.
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    Repository::init_local(&empty, &options).unwrap();
+    Repository::init_local(dir.path().join("new/deeper"), &options).unwrap();
+    // zstd's range is enforced at init too.
+    let err = Repository::init_local(
+        dir.path().join("z"),
+        &InitOptions {
+            zstd_level: 99999,
+            ..options.clone()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("zstd_level 99999"), "{err}");
+}
