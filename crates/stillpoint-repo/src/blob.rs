@@ -164,6 +164,21 @@ pub(crate) fn decode(
     }
     let plaintext_len = u32::from_le_bytes(header.plaintext_len) as usize;
     let body_end = blob.len() - BLOB_TAG_LEN;
+    // An uncompressed body has exactly the plaintext's length: a shorter object is truncated
+    // (said before authentication fails, which would only say "tag mismatch").
+    let expected_len = BLOB_HEADER_LEN + plaintext_len + BLOB_TAG_LEN;
+    if header.compression == COMPRESSION_NONE && blob.len() != expected_len {
+        return Err(Error::corrupt(format!(
+            "object is {}: {} bytes, its header announces {expected_len} (or the header is damaged)",
+            if blob.len() < expected_len {
+                "truncated"
+            } else {
+                "longer than its header says"
+            },
+            blob.len()
+        )));
+    }
+    let size = blob.len();
     match (header.encryption, keys.data_key()) {
         (ENCRYPTION_AES256GCM, Some(key)) => {
             let nonce = Nonce::try_assume_unique_for_key(&header.nonce).expect("12-byte nonce");
@@ -173,14 +188,20 @@ pub(crate) fn decode(
                     Aad::from(aad_bytes(&header_bytes, identity)),
                     &mut blob[BLOB_HEADER_LEN..],
                 )
-                .map_err(|_| Error::corrupt("object fails authentication (AES-GCM tag mismatch)"))?
+                .map_err(|_| {
+                    Error::corrupt(format!(
+                        "object fails authentication (AES-GCM tag mismatch): damaged or truncated ({size} bytes)"
+                    ))
+                })?
                 .len();
             blob.truncate(BLOB_HEADER_LEN + plain_len);
         }
         (ENCRYPTION_NONE, None) => {
             let expected = checksum(&header_bytes, identity, &blob[BLOB_HEADER_LEN..body_end]);
             if blob[body_end..] != expected {
-                return Err(Error::corrupt("object fails its checksum"));
+                return Err(Error::corrupt(format!(
+                    "object fails its checksum: damaged or truncated ({size} bytes)"
+                )));
             }
             blob.truncate(body_end);
         }
@@ -398,6 +419,31 @@ mod tests {
         let mut out = Vec::new();
         decode(&keys, CHUNK_BLOB_MAGIC, b"", blob, &mut out).unwrap();
         assert_eq!(out, b"abc");
+    }
+
+    #[rstest::rstest]
+    #[case::encrypted(true)]
+    #[case::plain(false)]
+    fn truncation_is_named_with_sizes(#[case] encrypted: bool) {
+        let keys = keys(encrypted);
+        let mut enc = BlobEncoder::new(1).unwrap();
+        let mut blob = Vec::new();
+        enc.encode(
+            &keys,
+            CHUNK_BLOB_MAGIC,
+            b"id",
+            &[7u8; 1000],
+            false,
+            &mut blob,
+        )
+        .unwrap();
+        blob.truncate(600);
+        let mut out = Vec::new();
+        let err = decode(&keys, CHUNK_BLOB_MAGIC, b"id", blob, &mut out).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "object is truncated: 600 bytes, its header announces 1044 (or the header is damaged)"
+        );
     }
 
     #[test]

@@ -77,6 +77,18 @@ impl BlobHeader {
 /// Index plaintext header: disk size (u64 LE), chunk size (u32 LE), flags (u32, zero),
 /// chunk count (u64 LE), reserved (8 zero bytes); then `chunk count` digests of 32 bytes.
 pub const INDEX_HEADER_LEN: usize = 32;
+/// Index flag: the index is split into segments (see `index`); the first 4 reserved bytes of
+/// the header hold the entries per segment (u32 LE). Written only for indexes of more than
+/// [`INDEX_SEGMENT_ENTRIES`] chunks, so smaller ones are unchanged from format version 1.
+pub const INDEX_FLAG_SEGMENTED: u32 = 1;
+/// Entries per index segment written (32 MiB of digests per blob).
+pub const INDEX_SEGMENT_ENTRIES: u32 = 1 << 20;
+/// Most entries per segment a reader accepts (a segment must fit in a blob).
+pub const MAX_INDEX_SEGMENT_ENTRIES: u32 =
+    ((MAX_BLOB_PLAINTEXT - INDEX_HEADER_LEN) / INDEX_ENTRY_LEN) as u32;
+/// Most chunks of one disk (chunk numbers are u32): 256 TiB at 64 KiB chunks, 16 PiB at
+/// 4 MiB. The index of such a disk takes 32 bytes per chunk in memory.
+pub const MAX_CHUNKS_PER_DISK: u64 = u32::MAX as u64;
 /// Bytes per index entry: the chunk's keyed BLAKE3 digest ([`ZERO_CHUNK_DIGEST`] for zeros).
 pub const INDEX_ENTRY_LEN: usize = 32;
 

@@ -13,9 +13,10 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::keys::{CHUNKS, CONFIG, INDEXES, KEYS, SNAPSHOTS};
 use crate::format::{
     BLOB_HEADER_LEN, CHUNK_BLOB_MAGIC, CONFIG_FORMAT_NAME, DEFAULT_CHUNK_SIZE, ENCRYPTION_NONE,
-    INDEX_BLOB_MAGIC, MANIFEST_BLOB_MAGIC, MAX_JSON_OBJECT_LEN, REPO_FORMAT_VERSION,
+    INDEX_BLOB_MAGIC, INDEX_SEGMENT_ENTRIES, MANIFEST_BLOB_MAGIC, MAX_JSON_OBJECT_LEN,
+    REPO_FORMAT_VERSION,
 };
-use crate::index::{Digest, DiskIndex};
+use crate::index::{Digest, DiskIndex, segment_key};
 use crate::keys::{KdfParams, KeyFile, Keys, random_bytes};
 use crate::lock::{LockGuard, LockKind};
 use crate::manifest::{Manifest, is_id_prefix};
@@ -455,7 +456,7 @@ impl Repository {
     /// Loads the index of disk `disk` of `manifest`.
     pub fn load_index(&self, manifest: &Manifest, disk: &str) -> Result<DiskIndex> {
         let entry = manifest.disk(disk)?;
-        self.load_index_key(&entry.index)
+        self.load_index_key(&entry.index, &entry.index_sizes)
             .and_then(|index| {
                 if index.disk_size() != entry.size || index.chunk_size() != entry.chunk_size {
                     Err(Error::corrupt(format!(
@@ -464,40 +465,81 @@ impl Repository {
                         index.chunk_size(),
                         entry.size,
                         entry.chunk_size
-                    )))
+                    ))
+                    .with_path(&entry.index))
                 } else {
                     Ok(index)
                 }
             })
-            .map_err(|e| e.with_snapshot(&manifest.id).with_disk(disk).with_path(&entry.index))
+            .map_err(|e| e.with_snapshot(&manifest.id).with_disk(disk))
     }
 
-    pub(crate) fn load_index_key(&self, key: &str) -> Result<DiskIndex> {
-        let raw = self.backend.get(key)?;
+    /// Reads one index blob (segment `k` of the index at `key`), checking its size against
+    /// the one the manifest recorded (`sizes`, empty for snapshots of older builds) so that a
+    /// truncated object is reported as truncated.
+    fn load_index_blob(&self, key: &str, k: usize, sizes: &[u64]) -> Result<Vec<u8>> {
+        let object = segment_key(key, k);
+        let raw = self.backend.get(&object)?;
+        if let Some(&recorded) = sizes.get(k)
+            && raw.len() as u64 != recorded
+        {
+            let what = if (raw.len() as u64) < recorded {
+                "truncated"
+            } else {
+                "longer than written"
+            };
+            return Err(Error::corrupt(format!(
+                "index: object is {what}: {} bytes, the manifest recorded {recorded}",
+                raw.len()
+            ))
+            .with_path(&object));
+        }
         let mut plain = Vec::new();
         blob::decode(
             &self.keys,
             INDEX_BLOB_MAGIC,
-            key.as_bytes(),
+            object.as_bytes(),
             raw,
             &mut plain,
         )
-        .map_err(|e| e.prefixed("index: "))?;
-        DiskIndex::from_bytes(&plain)
+        .map_err(|e| e.prefixed("index: ").with_path(&object))?;
+        Ok(plain)
     }
 
-    pub(crate) fn store_index(&self, key: &str, index: &DiskIndex) -> Result<()> {
+    /// Loads the index stored at `key` with all its segments.
+    pub(crate) fn load_index_key(&self, key: &str, sizes: &[u64]) -> Result<DiskIndex> {
+        let first = self.load_index_blob(key, 0, sizes)?;
+        let mut head = DiskIndex::parse_head(&first).map_err(|e| e.with_path(key))?;
+        drop(first);
+        for k in 1..head.segments() {
+            let bytes = self.load_index_blob(key, k, sizes)?;
+            head.push_segment(k, &bytes)
+                .map_err(|e| e.with_path(segment_key(key, k)))?;
+        }
+        head.finish().map_err(|e| e.with_path(key))
+    }
+
+    /// Stores `index` at `key` (segments `k ≥ 1` first, so that the first blob exists only
+    /// once the rest does) and returns the stored size of each blob, for the manifest.
+    pub(crate) fn store_index(&self, key: &str, index: &DiskIndex) -> Result<Vec<u64>> {
         let mut encoder = BlobEncoder::new(self.config.zstd_level)?;
         let mut out = Vec::new();
-        encoder.encode(
-            &self.keys,
-            INDEX_BLOB_MAGIC,
-            key.as_bytes(),
-            &index.to_bytes(),
-            true,
-            &mut out,
-        )?;
-        self.backend.put(key, &out)
+        let segments = index.segment_count(INDEX_SEGMENT_ENTRIES);
+        let mut sizes = vec![0u64; segments];
+        for k in (1..segments).chain([0]) {
+            let object = segment_key(key, k);
+            encoder.encode(
+                &self.keys,
+                INDEX_BLOB_MAGIC,
+                object.as_bytes(),
+                &index.segment_bytes(k, INDEX_SEGMENT_ENTRIES),
+                true,
+                &mut out,
+            )?;
+            self.backend.put(&object, &out)?;
+            sizes[k] = out.len() as u64;
+        }
+        Ok(sizes)
     }
 
     pub(crate) fn store_manifest(&self, manifest: &Manifest) -> Result<()> {
