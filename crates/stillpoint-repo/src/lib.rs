@@ -110,7 +110,9 @@ pub use crate::keys::KdfParams;
 pub use crate::lock::{LockGuard, LockKind};
 pub use crate::maintenance::{GcReport, PruneReport, RepoStats};
 pub use crate::manifest::{DiskEntry, DiskStats, MANIFEST_VERSION, Manifest, SnapshotInfo};
-pub use crate::repository::{DEFAULT_LOCK_WAIT, InitOptions, Repository};
+pub use crate::repository::{
+    DEFAULT_LOCK_WAIT, InitOptions, Repository, SnapshotListing, UnreadableSnapshot,
+};
 pub use crate::restore::{ImageFormat, RestoreOptions, RestoreStats};
 pub use crate::retention::{Decision, KeepRules, RetentionPlan, SnapshotSummary, plan_retention};
 pub use crate::source::{AsyncDiskSource, BlockingBridge, DiskSource, Extent, FileSource};

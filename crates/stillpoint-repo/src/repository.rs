@@ -48,6 +48,26 @@ impl Default for InitOptions {
     }
 }
 
+/// What [`Repository::list_snapshots`] found.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotListing {
+    /// The snapshots that could be read.
+    pub snapshots: Vec<Manifest>,
+    /// The snapshots whose manifest cannot be read (of any VM: their VM is unknown).
+    pub unreadable: Vec<UnreadableSnapshot>,
+}
+
+/// A snapshot whose manifest cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UnreadableSnapshot {
+    /// The snapshot id (from the object's key).
+    pub id: String,
+    /// The manifest object's key.
+    pub object: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
 /// An open repository.
 #[derive(Debug, Clone)]
 pub struct Repository {
@@ -383,9 +403,25 @@ impl Repository {
 
     /// All snapshots (of `vm` if given), oldest first by capture time. A manifest that cannot
     /// be read is skipped with a warning naming it (so one damaged snapshot does not hide the
-    /// others); `verify` reports it, gc refuses to run past it, prune keeps it.
+    /// others); [`Self::list_snapshots`] returns them to the caller instead, `verify` reports
+    /// them, gc refuses to run past them, prune keeps them.
     pub fn snapshots(&self, vm: Option<&str>) -> Result<Vec<Manifest>> {
-        let mut out = Vec::new();
+        let listing = self.list_snapshots(vm)?;
+        for bad in &listing.unreadable {
+            tracing::warn!(
+                snapshot = bad.id,
+                object = bad.object,
+                error = bad.message,
+                "skipping a snapshot whose manifest cannot be read (run `repo verify`)"
+            );
+        }
+        Ok(listing.snapshots)
+    }
+
+    /// The snapshots (of `vm` if given) that can be read, oldest first by capture time, and
+    /// the ones whose manifest cannot be read (damaged, or of an unsupported version).
+    pub fn list_snapshots(&self, vm: Option<&str>) -> Result<SnapshotListing> {
+        let mut listing = SnapshotListing::default();
         for id in self.snapshot_ids()? {
             let manifest = match self.load_manifest(&id) {
                 Ok(m) => m,
@@ -394,17 +430,23 @@ impl Repository {
                 Err(e)
                     if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::UnsupportedVersion) =>
                 {
-                    tracing::warn!(snapshot = id, error = %e, "skipping a snapshot whose manifest cannot be read (run `repo verify`)");
+                    listing.unreadable.push(UnreadableSnapshot {
+                        object: snapshot_key(&id),
+                        id,
+                        message: e.message().to_string(),
+                    });
                     continue;
                 }
                 Err(e) => return Err(e),
             };
             if vm.is_none_or(|vm| manifest.vm == vm) {
-                out.push(manifest);
+                listing.snapshots.push(manifest);
             }
         }
-        out.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
-        Ok(out)
+        listing
+            .snapshots
+            .sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+        Ok(listing)
     }
 
     /// The newest snapshot of `vm`, if any.
