@@ -41,6 +41,17 @@
 //!   (`ring`) with a random nonce and the header plus the object's identity as associated
 //!   data. The master key is random and wrapped by an Argon2id key from a passphrase, or the
 //!   repository is explicitly unencrypted (a BLAKE3 checksum still guards every blob).
+//! - **The encryption mode comes from the key material**: `config` is unauthenticated JSON,
+//!   so a repository is encrypted exactly when it has key files; a config saying otherwise is
+//!   refused (no downgrade to clear writes by editing it).
+//! - **Secrets** (passphrases as [`SecretString`], master and derived keys as `zeroize`
+//!   buffers) are wiped on drop and never printable; the AES key schedule stays inside `ring`.
+//! - **Bounds**: everything read is bounded before it is allocated or run — Argon2id costs
+//!   and key/config sizes, zstd level, index header arithmetic, blob lengths — and an index
+//!   of more than 2^20 chunks is split into 32 MiB segments, so valid disks of any size up to
+//!   2^32 − 1 chunks back up.
+//! - **Compatibility**: `tests/fixtures/v1` holds repositories written by the first format-1
+//!   code; every build reads them back byte-exact.
 //! - **Pipeline**: per disk, `workers` threads each take the next chunk to read and carry it
 //!   through read → zero check → hash → dedup → compress → encrypt → put. Buffers take
 //!   `workers × 3 × chunk size` (≈ 50 MiB at 4 workers and 4 MiB chunks) at any disk size;
