@@ -1,7 +1,10 @@
 //! Every magic number and fixed size of the on-disk format, in one place.
 //!
-//! PLEASE DO NOT MODIFY THESE VALUES: repositories written with them must stay readable.
-//! A change of layout gets a new magic and a new [`REPO_FORMAT_VERSION`].
+//! PLEASE DO NOT MODIFY THESE VALUES: repositories written with them must stay readable
+//! (`tests/fixtures/v1` and the fixed-bytes vectors hold every build to it).
+//! A change of layout gets a new magic and a new [`REPO_FORMAT_VERSION`]; an extension that
+//! older readers refuse cleanly and that leaves existing objects unchanged (the segmented-index
+//! flag) stays within the version and is listed in the document.
 //! `docs/repository-format.md` describes the same bytes for other tools.
 
 /// The repository format version written to (and required in) `config`.
@@ -22,7 +25,8 @@ pub const MANIFEST_BLOB_MAGIC: [u8; 8] = [0x8c, 0xcc, 0x29, 0x60, 0xa3, 0x78, 0x
 pub const BLOB_HEADER_LEN: usize = 28;
 /// Every blob ends with 16 bytes: the AES-GCM tag, or (unencrypted) a BLAKE3 checksum prefix.
 pub const BLOB_TAG_LEN: usize = 16;
-/// Largest plaintext a blob may carry (an index of a 32 TiB disk at 4 MiB chunks is 256 MiB).
+/// Largest plaintext a blob may carry. Chunks are at most 64 MiB and indexes are split into
+/// segments of [`INDEX_SEGMENT_ENTRIES`], so only a manifest could reach it (an error).
 pub const MAX_BLOB_PLAINTEXT: usize = 512 << 20;
 
 /// Compression byte: stored as is.

@@ -361,6 +361,14 @@ mod tests {
         assert!(err.to_string().contains("larger chunk size"), "{err}");
     }
 
+    #[test]
+    fn segment_keys() {
+        assert_eq!(segment_key("indexes/ab/0", 0), "indexes/ab/0");
+        assert_eq!(segment_key("indexes/ab/0", 3), "indexes/ab/0.3");
+        assert!(is_continuation_segment("indexes/ab/0.3"));
+        assert!(!is_continuation_segment("indexes/ab/0"));
+    }
+
     fn sample(disk_size: u64, chunk_size: u32, seed: u8) -> DiskIndex {
         let mut index = DiskIndex::new_zeroed(disk_size, chunk_size).unwrap();
         for i in 0..index.entries().len() {
