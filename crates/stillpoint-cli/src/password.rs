@@ -6,7 +6,7 @@
 use std::io::IsTerminal;
 
 use anyhow::{Context as _, bail};
-use stillpoint_repo::{ErrorKind, Repository};
+use stillpoint_repo::{ErrorKind, Repository, SecretString};
 
 use crate::context::Context;
 
@@ -53,7 +53,10 @@ pub fn open_repository(ctx: &Context) -> anyhow::Result<Repository> {
         Ok(repo) => Ok(repo),
         Err(e) if e.kind() == ErrorKind::PassphraseRequired => {
             let pass = passphrase(ctx, false)?;
-            Ok(Repository::open_local(&path, Some(&pass))?)
+            Ok(Repository::open_local(
+                &path,
+                Some(&SecretString::from(pass)),
+            )?)
         }
         Err(e) => Err(e.into()),
     }

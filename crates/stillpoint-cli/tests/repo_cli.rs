@@ -427,3 +427,168 @@ fn restore_one_disk_as_qcow2() {
         "qemu-img compare: the qcow2 differs from the image"
     );
 }
+
+fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(all_files(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// docs/exit-codes.md: `snapshots` lists what it can read, names each manifest it cannot,
+/// and exits 1 (it exited 0 with only a warning).
+#[test]
+fn snapshots_lists_what_it_can_and_fails_naming_an_unreadable_manifest() {
+    let env = Env::new();
+    env.init("64KiB");
+    env.random_image("disk.img", 200_000, 20);
+    let good = env.json(&["backup-image", "disk.img", "--name", "a"])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bad = env.json(&["backup-image", "disk.img", "--name", "b"])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest = env.path(&format!("repo/snapshots/{bad}"));
+    let mut bytes = fs::read(&manifest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&manifest, bytes).unwrap();
+
+    let out = env.run(&["snapshots"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&good), "{stdout}");
+    assert!(
+        stderr(&out).contains(&format!("snapshot {bad} cannot be read"))
+            && stderr(&out).contains(&format!("snapshots/{bad}")),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.cmd().args(["--json", "snapshots"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["id"], good);
+}
+
+/// Whoever can write to the repository sets `"encryption": "none"` in its config: every
+/// command refuses, naming the config, and nothing is written in clear.
+#[test]
+fn a_config_downgraded_to_none_is_refused_and_nothing_is_written_in_clear() {
+    let env = Env::new();
+    env.init("64KiB");
+    env.random_image("disk.img", 300_000, 21);
+    env.json(&["backup-image", "disk.img", "--name", "vm"]);
+    let config = env.path("repo/config");
+    let text = fs::read_to_string(&config).unwrap();
+    let downgraded = text.replace(
+        "\"encryption\": \"aes256-gcm\",",
+        &format!(
+            "\"encryption\": \"none\",\n  \"id_key\": \"{}\",",
+            "cd".repeat(32)
+        ),
+    );
+    assert_ne!(text, downgraded);
+    fs::write(&config, downgraded).unwrap();
+    let files_before = all_files(&env.path("repo")).len();
+    env.random_image("disk2.img", 300_000, 22);
+    for args in [
+        vec!["snapshots"],
+        vec!["backup-image", "disk2.img", "--name", "vm"],
+        vec!["repo", "verify"],
+    ] {
+        let out = env
+            .cmd()
+            .env_remove("STILLPOINT_PASSWORD")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("\"encryption\": \"none\"")
+                && stderr(&out).contains("key files")
+                && stderr(&out).contains("repo/config"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(
+        all_files(&env.path("repo")).len(),
+        files_before,
+        "nothing written"
+    );
+}
+
+#[test]
+fn repo_init_refuses_a_non_empty_folder_and_a_bad_zstd_level() {
+    let env = Env::new();
+    fs::create_dir(env.path("repo")).unwrap();
+    fs::write(env.path("repo/notes.txt"), "mine").unwrap();
+    let out = env.run(&["repo", "init"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not empty") && stderr(&out).contains("repo"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(all_files(&env.path("repo")).len(), 1);
+    fs::remove_file(env.path("repo/notes.txt")).unwrap();
+
+    let out = env.run(&["repo", "init", "--zstd-level", "99999"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("zstd_level 99999"),
+        "{}",
+        stderr(&out)
+    );
+
+    env.init("64KiB"); // the empty folder is fine
+    let config = env.path("repo/config");
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(
+        &config,
+        text.replace("\"zstd_level\": 1", "\"zstd_level\": 99999"),
+    )
+    .unwrap();
+    let out = env.run(&["snapshots"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("zstd_level 99999") && stderr(&out).contains("repo/config"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_truncated_index_is_reported_as_truncated_with_sizes() {
+    let env = Env::new();
+    env.init("64KiB");
+    env.random_image("disk.img", 1 << 20, 23);
+    let id = env.json(&["backup-image", "disk.img", "--name", "vm"])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let index = env.path(&format!("repo/indexes/{id}/0"));
+    let bytes = fs::read(&index).unwrap();
+    fs::write(&index, &bytes[..100]).unwrap();
+    let out = env.run(&["restore", &id, "--to", "out"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!(
+            "truncated: 100 bytes, the manifest recorded {}",
+            bytes.len()
+        )) && stderr(&out).contains(&format!("indexes/{id}/0")),
+        "{}",
+        stderr(&out)
+    );
+}

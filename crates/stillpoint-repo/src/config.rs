@@ -3,13 +3,15 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{CONFIG_FORMAT_NAME, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, REPO_FORMAT_VERSION};
+use crate::format::{
+    CONFIG_FORMAT_NAME, MAX_CHUNK_SIZE, MAX_GC_GRACE_SECONDS, MIN_CHUNK_SIZE, REPO_FORMAT_VERSION,
+};
 
 /// Encryption mode of a repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Encryption {
-    /// AES-256-GCM with a passphrase-wrapped master key.
+    /// AES-256-GCM with a passphrase-wrapped master key; spelled `"aes256-gcm"` in `config`.
     Aes256Gcm,
     /// None (chosen explicitly at init).
     None,
@@ -54,6 +56,35 @@ impl Config {
         Ok(())
     }
 
+    /// Checks a zstd level: zstd's own range (negative levels are its fast modes).
+    pub fn check_zstd_level(level: i32) -> Result<()> {
+        let range = zstd::compression_level_range();
+        if !range.contains(&level) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "zstd_level {level} is outside zstd's range {}..={}",
+                    range.start(),
+                    range.end()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a gc grace period (seconds): at most about 100 years.
+    pub fn check_gc_grace(seconds: u64) -> Result<()> {
+        if seconds > MAX_GC_GRACE_SECONDS {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "gc_grace_seconds {seconds} is more than the {MAX_GC_GRACE_SECONDS} accepted"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Parses and checks `config`; `location` names the repository in errors.
     pub fn from_json(bytes: &[u8], location: &str) -> Result<Self> {
         #[derive(Deserialize)]
@@ -89,10 +120,81 @@ impl Config {
                 .with_path(&path)
                 .with_source(e)
         })?;
-        Self::check_chunk_size(config.chunk_size).map_err(|e| {
-            Error::corrupt(format!("repository config is invalid: {}", e.message()))
-                .with_path(&path)
-        })?;
+        Self::check_chunk_size(config.chunk_size)
+            .and_then(|()| Self::check_zstd_level(config.zstd_level))
+            .and_then(|()| Self::check_gc_grace(config.gc_grace_seconds))
+            .map_err(|e| {
+                Error::corrupt(format!("repository config is invalid: {}", e.message()))
+                    .with_path(&path)
+            })?;
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE_CONFIG: &str = r#"{
+  "format": "stillpoint-repository",
+  "version": 1,
+  "id": "90a4a1f3ca48b366",
+  "chunk_size": 65536,
+  "encryption": "aes256-gcm",
+  "zstd_level": 1,
+  "gc_grace_seconds": 86400,
+  "created": "2026-12-04T18:51:35.900707016Z"
+}"#;
+
+    #[test]
+    fn the_fixture_config_parses_with_the_spelling_of_the_spec() {
+        let config = Config::from_json(FIXTURE_CONFIG.as_bytes(), "/r").unwrap();
+        assert_eq!(config.encryption, Encryption::Aes256Gcm);
+        assert_eq!(config.chunk_size, 65536);
+        let written = serde_json::to_string(&config).unwrap();
+        assert!(
+            written.contains(r#""encryption":"aes256-gcm""#),
+            "{written}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_fields_name_the_file_and_field() {
+        for (from, to, field) in [
+            (
+                r#""zstd_level": 1"#,
+                r#""zstd_level": 99999"#,
+                "zstd_level 99999",
+            ),
+            (
+                r#""chunk_size": 65536"#,
+                r#""chunk_size": 1000"#,
+                "chunk size 1000",
+            ),
+            (
+                r#""gc_grace_seconds": 86400"#,
+                r#""gc_grace_seconds": 18446744073709551615"#,
+                "gc_grace_seconds 18446744073709551615",
+            ),
+        ] {
+            let text = FIXTURE_CONFIG.replace(from, to);
+            let err = Config::from_json(text.as_bytes(), "/r").unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Corrupt);
+            let message = err.to_string();
+            assert!(message.contains(field), "{message}");
+            assert!(message.contains("/r/config"), "{message}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn zstd_levels_are_accepted_exactly_in_zstds_range(level in proptest::num::i32::ANY) {
+            let ok = Config::check_zstd_level(level).is_ok();
+            proptest::prop_assert_eq!(ok, zstd::compression_level_range().contains(&level));
+            if ok {
+                // zstd really takes it.
+                proptest::prop_assert!(zstd::bulk::Compressor::new(level).is_ok());
+            }
+        }
     }
 }

@@ -1,7 +1,10 @@
 //! Every magic number and fixed size of the on-disk format, in one place.
 //!
-//! PLEASE DO NOT MODIFY THESE VALUES: repositories written with them must stay readable.
-//! A change of layout gets a new magic and a new [`REPO_FORMAT_VERSION`].
+//! PLEASE DO NOT MODIFY THESE VALUES: repositories written with them must stay readable
+//! (`tests/fixtures/v1` and the fixed-bytes vectors hold every build to it).
+//! A change of layout gets a new magic and a new [`REPO_FORMAT_VERSION`]; an extension that
+//! older readers refuse cleanly and that leaves existing objects unchanged (the segmented-index
+//! flag) stays within the version and is listed in the document.
 //! `docs/repository-format.md` describes the same bytes for other tools.
 
 /// The repository format version written to (and required in) `config`.
@@ -22,7 +25,8 @@ pub const MANIFEST_BLOB_MAGIC: [u8; 8] = [0x8c, 0xcc, 0x29, 0x60, 0xa3, 0x78, 0x
 pub const BLOB_HEADER_LEN: usize = 28;
 /// Every blob ends with 16 bytes: the AES-GCM tag, or (unencrypted) a BLAKE3 checksum prefix.
 pub const BLOB_TAG_LEN: usize = 16;
-/// Largest plaintext a blob may carry (an index of a 32 TiB disk at 4 MiB chunks is 256 MiB).
+/// Largest plaintext a blob may carry. Chunks are at most 64 MiB and indexes are split into
+/// segments of [`INDEX_SEGMENT_ENTRIES`], so only a manifest could reach it (an error).
 pub const MAX_BLOB_PLAINTEXT: usize = 512 << 20;
 
 /// Compression byte: stored as is.
@@ -77,6 +81,18 @@ impl BlobHeader {
 /// Index plaintext header: disk size (u64 LE), chunk size (u32 LE), flags (u32, zero),
 /// chunk count (u64 LE), reserved (8 zero bytes); then `chunk count` digests of 32 bytes.
 pub const INDEX_HEADER_LEN: usize = 32;
+/// Index flag: the index is split into segments (see `index`); the first 4 reserved bytes of
+/// the header hold the entries per segment (u32 LE). Written only for indexes of more than
+/// [`INDEX_SEGMENT_ENTRIES`] chunks, so smaller ones are unchanged from format version 1.
+pub const INDEX_FLAG_SEGMENTED: u32 = 1;
+/// Entries per index segment written (32 MiB of digests per blob).
+pub const INDEX_SEGMENT_ENTRIES: u32 = 1 << 20;
+/// Most entries per segment a reader accepts (a segment must fit in a blob).
+pub const MAX_INDEX_SEGMENT_ENTRIES: u32 =
+    ((MAX_BLOB_PLAINTEXT - INDEX_HEADER_LEN) / INDEX_ENTRY_LEN) as u32;
+/// Most chunks of one disk (chunk numbers are u32): 256 TiB at 64 KiB chunks, 16 PiB at
+/// 4 MiB. The index of such a disk takes 32 bytes per chunk in memory.
+pub const MAX_CHUNKS_PER_DISK: u64 = u32::MAX as u64;
 /// Bytes per index entry: the chunk's keyed BLAKE3 digest ([`ZERO_CHUNK_DIGEST`] for zeros).
 pub const INDEX_ENTRY_LEN: usize = 32;
 
@@ -103,10 +119,24 @@ pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
 /// Largest chunk size `init` accepts.
 pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 
+/// Largest `gc_grace_seconds` accepted (about 100 years): time arithmetic never overflows.
+pub const MAX_GC_GRACE_SECONDS: u64 = 100 * 366 * 24 * 3600;
+
 /// Associated data that binds the wrapped master key to its purpose.
 pub const KEY_WRAP_AAD: &[u8] = b"stillpoint master key v1";
 /// Length of the master key material: data key (32) then chunk-id key (32).
 pub const MASTER_KEY_LEN: usize = 64;
+/// Length of the Argon2id salt in a key file.
+pub const KDF_SALT_LEN: usize = 16;
+/// Largest Argon2id memory a key file may ask for (1 GiB, in KiB): a damaged key file must
+/// not make every command allocate without limit.
+pub const MAX_KDF_MEMORY_KIB: u32 = 1 << 20;
+/// Most Argon2id passes a key file may ask for (at 1 GiB, some 20 s here).
+pub const MAX_KDF_ITERATIONS: u32 = 16;
+/// Most Argon2id lanes a key file may ask for.
+pub const MAX_KDF_PARALLELISM: u32 = 16;
+/// Largest `config` or key file object this build reads (they are a few hundred bytes).
+pub const MAX_JSON_OBJECT_LEN: u64 = 64 << 10;
 
 /// zstd output is kept only when it is at most this fraction (num/den) of the input;
 /// otherwise the chunk is stored raw (it costs a little space, saves decompression later).

@@ -11,7 +11,7 @@
 //! # fn main() -> Result<()> {
 //! let dir = tempfile::tempdir().unwrap();
 //! std::fs::write(dir.path().join("disk.img"), vec![7u8; 100_000]).unwrap();
-//! let options = InitOptions { passphrase: Some("secret".into()), kdf: KdfParams::for_tests(), ..Default::default() };
+//! let options = InitOptions { passphrase: Some(SecretString::from("secret")), kdf: KdfParams::for_tests(), ..Default::default() };
 //! let repo = Repository::init_local(dir.path().join("repo"), &options)?;
 //!
 //! // The engine's side: one session per VM, N disks, then publish (atomic, last).
@@ -41,6 +41,17 @@
 //!   (`ring`) with a random nonce and the header plus the object's identity as associated
 //!   data. The master key is random and wrapped by an Argon2id key from a passphrase, or the
 //!   repository is explicitly unencrypted (a BLAKE3 checksum still guards every blob).
+//! - **The encryption mode comes from the key material**: `config` is unauthenticated JSON,
+//!   so a repository is encrypted exactly when it has key files; a config saying otherwise is
+//!   refused (no downgrade to clear writes by editing it).
+//! - **Secrets** (passphrases as [`SecretString`], master and derived keys as `zeroize`
+//!   buffers) are wiped on drop and never printable; the AES key schedule stays inside `ring`.
+//! - **Bounds**: everything read is bounded before it is allocated or run — Argon2id costs
+//!   and key/config sizes, zstd level, index header arithmetic, blob lengths — and an index
+//!   of more than 2^20 chunks is split into 32 MiB segments, so valid disks of any size up to
+//!   2^32 − 1 chunks back up.
+//! - **Compatibility**: `tests/fixtures/v1` holds repositories written by the first format-1
+//!   code; every build reads them back byte-exact.
 //! - **Pipeline**: per disk, `workers` threads each take the next chunk to read and carry it
 //!   through read → zero check → hash → dedup → compress → encrypt → put. Buffers take
 //!   `workers × 3 × chunk size` (≈ 50 MiB at 4 workers and 4 MiB chunks) at any disk size;
@@ -110,9 +121,14 @@ pub use crate::keys::KdfParams;
 pub use crate::lock::{LockGuard, LockKind};
 pub use crate::maintenance::{GcReport, PruneReport, RepoStats};
 pub use crate::manifest::{DiskEntry, DiskStats, MANIFEST_VERSION, Manifest, SnapshotInfo};
-pub use crate::repository::{DEFAULT_LOCK_WAIT, InitOptions, Repository};
+pub use crate::repository::{
+    DEFAULT_LOCK_WAIT, InitOptions, Repository, SnapshotListing, UnreadableSnapshot,
+};
 pub use crate::restore::{ImageFormat, RestoreOptions, RestoreStats};
 pub use crate::retention::{Decision, KeepRules, RetentionPlan, SnapshotSummary, plan_retention};
 pub use crate::source::{AsyncDiskSource, BlockingBridge, DiskSource, Extent, FileSource};
 pub use crate::verify::{Problem, VerifyReport};
 pub use crate::writer::{BackupOptions, BackupSession, DiskInput, Progress};
+/// The passphrase type of [`Repository::init`] and [`Repository::open`] (wiped on drop,
+/// printed as `[REDACTED]`).
+pub use secrecy::{ExposeSecret, SecretString};

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::format::keys::{CHUNKS, GC, INDEXES};
-use crate::index::Digest;
+use crate::index::{Digest, is_continuation_segment};
 use crate::lock::{LockKind, is_stale, list_locks};
 use crate::repository::{Repository, chunk_key, snapshot_key};
 use crate::retention::{KeepRules, RetentionPlan, SnapshotSummary, plan_retention};
@@ -180,7 +180,12 @@ impl Repository {
         }
         for parent in &parents {
             for meta in self.backend.list(&format!("{INDEXES}{parent}/"))? {
-                let index = self.load_index_key(&meta.key).map_err(|e| {
+                if is_continuation_segment(&meta.key) {
+                    // Read with its first segment; kept as part of the parent's indexes.
+                    live_indexes.insert(meta.key.clone());
+                    continue;
+                }
+                let index = self.load_index_key(&meta.key, &[]).map_err(|e| {
                     Error::new(
                         e.kind(),
                         "gc stops: the parent index of a running backup cannot be read",

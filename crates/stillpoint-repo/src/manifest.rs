@@ -36,8 +36,12 @@ pub struct DiskEntry {
     pub size: u64,
     /// Chunk size of its index.
     pub chunk_size: u32,
-    /// The index object's key.
+    /// The index object's key (its first segment's, when segmented).
     pub index: String,
+    /// Stored size in bytes of each index blob (segment 0 first), so that a truncated index
+    /// is reported as such. Empty in manifests of builds before it was recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub index_sizes: Vec<u64>,
     /// What the backup of this disk did.
     pub stats: DiskStats,
 }

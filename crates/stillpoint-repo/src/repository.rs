@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use secrecy::SecretString;
 
 use crate::backend::{Backend, LocalBackend};
 use crate::blob::{self, BlobEncoder};
@@ -11,10 +12,11 @@ use crate::config::{Config, Encryption};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::keys::{CHUNKS, CONFIG, INDEXES, KEYS, SNAPSHOTS};
 use crate::format::{
-    CHUNK_BLOB_MAGIC, CONFIG_FORMAT_NAME, DEFAULT_CHUNK_SIZE, INDEX_BLOB_MAGIC,
-    MANIFEST_BLOB_MAGIC, REPO_FORMAT_VERSION,
+    BLOB_HEADER_LEN, CHUNK_BLOB_MAGIC, CONFIG_FORMAT_NAME, DEFAULT_CHUNK_SIZE, ENCRYPTION_NONE,
+    INDEX_BLOB_MAGIC, INDEX_SEGMENT_ENTRIES, MANIFEST_BLOB_MAGIC, MAX_JSON_OBJECT_LEN,
+    REPO_FORMAT_VERSION,
 };
-use crate::index::{Digest, DiskIndex};
+use crate::index::{Digest, DiskIndex, segment_key};
 use crate::keys::{KdfParams, KeyFile, Keys, random_bytes};
 use crate::lock::{LockGuard, LockKind};
 use crate::manifest::{Manifest, is_id_prefix};
@@ -25,7 +27,7 @@ pub struct InitOptions {
     /// Fixed chunk size (power of two, 64 KiB – 64 MiB).
     pub chunk_size: u32,
     /// `Some(passphrase)` for an encrypted repository, `None` for an unencrypted one.
-    pub passphrase: Option<String>,
+    pub passphrase: Option<SecretString>,
     /// Argon2id costs.
     pub kdf: KdfParams,
     /// zstd level.
@@ -44,6 +46,26 @@ impl Default for InitOptions {
             gc_grace: Duration::from_secs(24 * 3600),
         }
     }
+}
+
+/// What [`Repository::list_snapshots`] found.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotListing {
+    /// The snapshots that could be read.
+    pub snapshots: Vec<Manifest>,
+    /// The snapshots whose manifest cannot be read (of any VM: their VM is unknown).
+    pub unreadable: Vec<UnreadableSnapshot>,
+}
+
+/// A snapshot whose manifest cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UnreadableSnapshot {
+    /// The snapshot id (from the object's key).
+    pub id: String,
+    /// The manifest object's key.
+    pub object: String,
+    /// What is wrong with it.
+    pub message: String,
 }
 
 /// An open repository.
@@ -74,6 +96,8 @@ impl Repository {
     /// Creates a repository in `backend`; fails if one is there already.
     pub fn init(backend: Arc<dyn Backend>, options: &InitOptions) -> Result<Self> {
         Config::check_chunk_size(options.chunk_size)?;
+        Config::check_zstd_level(options.zstd_level)?;
+        Config::check_gc_grace(options.gc_grace.as_secs())?;
         let location = backend.location();
         if backend.stat(CONFIG)?.is_some() {
             return Err(
@@ -135,14 +159,44 @@ impl Repository {
         })
     }
 
-    /// Creates a repository in a local directory.
+    /// Creates a repository in a local directory: a new path, or an empty directory. A
+    /// directory holding anything else is refused (naming it), so that a repository is never
+    /// mixed into unrelated files.
     pub fn init_local(path: impl Into<std::path::PathBuf>, options: &InitOptions) -> Result<Self> {
+        let path = path.into();
+        match std::fs::read_dir(&path) {
+            Ok(mut entries) => {
+                if entries.next().is_some() && !path.join(CONFIG).exists() {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        "the directory is not empty and holds no stillpoint repository: give a new path or an empty directory",
+                    )
+                    .with_path(&path));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(
+                    Error::io("cannot use this path for a new repository", e).with_path(&path)
+                );
+            }
+        }
         Self::init(Arc::new(LocalBackend::new(path)), options)
     }
 
     /// Opens the repository in `backend`. `passphrase` is needed iff it is encrypted.
-    pub fn open(backend: Arc<dyn Backend>, passphrase: Option<&str>) -> Result<Self> {
+    pub fn open(backend: Arc<dyn Backend>, passphrase: Option<&SecretString>) -> Result<Self> {
         let location = backend.location();
+        let config_path = format!("{location}/{CONFIG}");
+        if let Some(meta) = backend.stat(CONFIG)?
+            && meta.size > MAX_JSON_OBJECT_LEN
+        {
+            return Err(Error::corrupt(format!(
+                "repository config is {} bytes, more than the {MAX_JSON_OBJECT_LEN} a config may have",
+                meta.size
+            ))
+            .with_path(&config_path));
+        }
         let bytes = match backend.get(CONFIG) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == ErrorKind::Missing => {
@@ -155,8 +209,14 @@ impl Repository {
             Err(e) => return Err(e),
         };
         let config = Config::from_json(&bytes, &location)?;
+        // The encryption mode is bound to the key material: key files exist exactly when the
+        // repository is encrypted. `config` is plain JSON that whoever can write to the
+        // storage can edit; a config saying "none" beside key files (or encrypted snapshots)
+        // is a downgrade attempt or damage, never a reason to write in clear.
+        let key_objects = backend.list(KEYS)?;
         let keys = match config.encryption {
             Encryption::None => {
+                Self::check_really_unencrypted(backend.as_ref(), &key_objects, &config_path)?;
                 let id_key: [u8; 32] = config
                     .id_key
                     .as_deref()
@@ -164,7 +224,7 @@ impl Repository {
                     .and_then(|k| k.try_into().ok())
                     .ok_or_else(|| {
                         Error::corrupt("unencrypted repository config lacks a valid id_key")
-                            .with_path(format!("{location}/config"))
+                            .with_path(&config_path)
                     })?;
                 Keys::unencrypted(id_key)
             }
@@ -176,7 +236,7 @@ impl Repository {
                     )
                     .with_path(&location)
                 })?;
-                Self::unlock(backend.as_ref(), passphrase, &location)?
+                Self::unlock(backend.as_ref(), key_objects, passphrase, &location)?
             }
         };
         Ok(Self {
@@ -189,7 +249,7 @@ impl Repository {
     /// Opens a repository in a local directory.
     pub fn open_local(
         path: impl Into<std::path::PathBuf>,
-        passphrase: Option<&str>,
+        passphrase: Option<&SecretString>,
     ) -> Result<Self> {
         let path = path.into();
         if !path.exists() {
@@ -202,14 +262,57 @@ impl Repository {
         Self::open(Arc::new(LocalBackend::new(path)), passphrase)
     }
 
-    fn unlock(backend: &dyn Backend, passphrase: &str, location: &str) -> Result<Keys> {
-        let key_objects = backend.list(KEYS)?;
+    /// Refuses a config that says "none" in a repository holding key files or encrypted
+    /// snapshots (the first manifest's header tells, one ranged read).
+    fn check_really_unencrypted(
+        backend: &dyn Backend,
+        key_objects: &[crate::backend::ObjectMeta],
+        config_path: &str,
+    ) -> Result<()> {
+        let refuse = |evidence: String| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "repository config says \"encryption\": \"none\" but {evidence}: the config does not match the key material (edited or damaged); refusing to read or write in clear"
+                ),
+            )
+            .with_path(config_path)
+        };
+        if let Some(key) = key_objects.first() {
+            return Err(refuse(format!(
+                "the repository has key files ({})",
+                key.key
+            )));
+        }
+        if let Some(first) = backend.list(SNAPSHOTS)?.first() {
+            let header = backend.get_range(&first.key, 0, BLOB_HEADER_LEN as u64)?;
+            if header.len() == BLOB_HEADER_LEN && header[9] != ENCRYPTION_NONE {
+                return Err(refuse(format!("snapshot {} is encrypted", first.key)));
+            }
+        }
+        Ok(())
+    }
+
+    fn unlock(
+        backend: &dyn Backend,
+        key_objects: Vec<crate::backend::ObjectMeta>,
+        passphrase: &SecretString,
+        location: &str,
+    ) -> Result<Keys> {
         if key_objects.is_empty() {
-            return Err(
-                Error::corrupt("the encrypted repository has no key files").with_path(location)
-            );
+            return Err(Error::corrupt(
+                "the repository config says it is encrypted but there are no key files (keys/)",
+            )
+            .with_path(location));
         }
         for meta in key_objects {
+            if meta.size > MAX_JSON_OBJECT_LEN {
+                return Err(Error::corrupt(format!(
+                    "key file is {} bytes, more than the {MAX_JSON_OBJECT_LEN} a key file may have",
+                    meta.size
+                ))
+                .with_path(&meta.key));
+            }
             let bytes = backend.get(&meta.key)?;
             let file: KeyFile = serde_json::from_slice(&bytes).map_err(|e| {
                 Error::corrupt("key file is not valid JSON")
@@ -300,9 +403,25 @@ impl Repository {
 
     /// All snapshots (of `vm` if given), oldest first by capture time. A manifest that cannot
     /// be read is skipped with a warning naming it (so one damaged snapshot does not hide the
-    /// others); `verify` reports it, gc refuses to run past it, prune keeps it.
+    /// others); [`Self::list_snapshots`] returns them to the caller instead, `verify` reports
+    /// them, gc refuses to run past them, prune keeps them.
     pub fn snapshots(&self, vm: Option<&str>) -> Result<Vec<Manifest>> {
-        let mut out = Vec::new();
+        let listing = self.list_snapshots(vm)?;
+        for bad in &listing.unreadable {
+            tracing::warn!(
+                snapshot = bad.id,
+                object = bad.object,
+                error = bad.message,
+                "skipping a snapshot whose manifest cannot be read (run `repo verify`)"
+            );
+        }
+        Ok(listing.snapshots)
+    }
+
+    /// The snapshots (of `vm` if given) that can be read, oldest first by capture time, and
+    /// the ones whose manifest cannot be read (damaged, or of an unsupported version).
+    pub fn list_snapshots(&self, vm: Option<&str>) -> Result<SnapshotListing> {
+        let mut listing = SnapshotListing::default();
         for id in self.snapshot_ids()? {
             let manifest = match self.load_manifest(&id) {
                 Ok(m) => m,
@@ -311,17 +430,23 @@ impl Repository {
                 Err(e)
                     if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::UnsupportedVersion) =>
                 {
-                    tracing::warn!(snapshot = id, error = %e, "skipping a snapshot whose manifest cannot be read (run `repo verify`)");
+                    listing.unreadable.push(UnreadableSnapshot {
+                        object: snapshot_key(&id),
+                        id,
+                        message: e.message().to_string(),
+                    });
                     continue;
                 }
                 Err(e) => return Err(e),
             };
             if vm.is_none_or(|vm| manifest.vm == vm) {
-                out.push(manifest);
+                listing.snapshots.push(manifest);
             }
         }
-        out.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
-        Ok(out)
+        listing
+            .snapshots
+            .sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+        Ok(listing)
     }
 
     /// The newest snapshot of `vm`, if any.
@@ -373,7 +498,7 @@ impl Repository {
     /// Loads the index of disk `disk` of `manifest`.
     pub fn load_index(&self, manifest: &Manifest, disk: &str) -> Result<DiskIndex> {
         let entry = manifest.disk(disk)?;
-        self.load_index_key(&entry.index)
+        self.load_index_key(&entry.index, &entry.index_sizes)
             .and_then(|index| {
                 if index.disk_size() != entry.size || index.chunk_size() != entry.chunk_size {
                     Err(Error::corrupt(format!(
@@ -382,40 +507,81 @@ impl Repository {
                         index.chunk_size(),
                         entry.size,
                         entry.chunk_size
-                    )))
+                    ))
+                    .with_path(&entry.index))
                 } else {
                     Ok(index)
                 }
             })
-            .map_err(|e| e.with_snapshot(&manifest.id).with_disk(disk).with_path(&entry.index))
+            .map_err(|e| e.with_snapshot(&manifest.id).with_disk(disk))
     }
 
-    pub(crate) fn load_index_key(&self, key: &str) -> Result<DiskIndex> {
-        let raw = self.backend.get(key)?;
+    /// Reads one index blob (segment `k` of the index at `key`), checking its size against
+    /// the one the manifest recorded (`sizes`, empty for snapshots of older builds) so that a
+    /// truncated object is reported as truncated.
+    fn load_index_blob(&self, key: &str, k: usize, sizes: &[u64]) -> Result<Vec<u8>> {
+        let object = segment_key(key, k);
+        let raw = self.backend.get(&object)?;
+        if let Some(&recorded) = sizes.get(k)
+            && raw.len() as u64 != recorded
+        {
+            let what = if (raw.len() as u64) < recorded {
+                "truncated"
+            } else {
+                "longer than written"
+            };
+            return Err(Error::corrupt(format!(
+                "index: object is {what}: {} bytes, the manifest recorded {recorded}",
+                raw.len()
+            ))
+            .with_path(&object));
+        }
         let mut plain = Vec::new();
         blob::decode(
             &self.keys,
             INDEX_BLOB_MAGIC,
-            key.as_bytes(),
+            object.as_bytes(),
             raw,
             &mut plain,
         )
-        .map_err(|e| e.prefixed("index: "))?;
-        DiskIndex::from_bytes(&plain)
+        .map_err(|e| e.prefixed("index: ").with_path(&object))?;
+        Ok(plain)
     }
 
-    pub(crate) fn store_index(&self, key: &str, index: &DiskIndex) -> Result<()> {
+    /// Loads the index stored at `key` with all its segments.
+    pub(crate) fn load_index_key(&self, key: &str, sizes: &[u64]) -> Result<DiskIndex> {
+        let first = self.load_index_blob(key, 0, sizes)?;
+        let mut head = DiskIndex::parse_head(&first).map_err(|e| e.with_path(key))?;
+        drop(first);
+        for k in 1..head.segments() {
+            let bytes = self.load_index_blob(key, k, sizes)?;
+            head.push_segment(k, &bytes)
+                .map_err(|e| e.with_path(segment_key(key, k)))?;
+        }
+        head.finish().map_err(|e| e.with_path(key))
+    }
+
+    /// Stores `index` at `key` (segments `k ≥ 1` first, so that the first blob exists only
+    /// once the rest does) and returns the stored size of each blob, for the manifest.
+    pub(crate) fn store_index(&self, key: &str, index: &DiskIndex) -> Result<Vec<u64>> {
         let mut encoder = BlobEncoder::new(self.config.zstd_level)?;
         let mut out = Vec::new();
-        encoder.encode(
-            &self.keys,
-            INDEX_BLOB_MAGIC,
-            key.as_bytes(),
-            &index.to_bytes(),
-            true,
-            &mut out,
-        )?;
-        self.backend.put(key, &out)
+        let segments = index.segment_count(INDEX_SEGMENT_ENTRIES);
+        let mut sizes = vec![0u64; segments];
+        for k in (1..segments).chain([0]) {
+            let object = segment_key(key, k);
+            encoder.encode(
+                &self.keys,
+                INDEX_BLOB_MAGIC,
+                object.as_bytes(),
+                &index.segment_bytes(k, INDEX_SEGMENT_ENTRIES),
+                true,
+                &mut out,
+            )?;
+            self.backend.put(&object, &out)?;
+            sizes[k] = out.len() as u64;
+        }
+        Ok(sizes)
     }
 
     pub(crate) fn store_manifest(&self, manifest: &Manifest) -> Result<()> {

@@ -269,8 +269,10 @@ impl BackupSession {
         }
         let chunk_size = self.repo.config.chunk_size;
         let disk_size = input.source.size();
+        // Refuses a disk with more chunks than an index holds (chunk numbers below are u32).
+        let mut index = DiskIndex::new_zeroed(disk_size, chunk_size)
+            .map_err(|e| e.with_disk(&name).with_vm(&self.vm))?;
         let n = chunk_count(disk_size, chunk_size) as usize;
-        let mut index = DiskIndex::new_zeroed(disk_size, chunk_size);
         let extents = normalize(
             input
                 .source
@@ -404,7 +406,8 @@ impl BackupSession {
         let index = shared.index.into_inner().expect("poisoned");
 
         let key = index_key(&self.id, self.disks.len());
-        self.repo
+        let index_sizes = self
+            .repo
             .store_index(&key, &index)
             .map_err(|e| e.with_disk(&name))?;
         info!(disk = name, ?stats, "disk written");
@@ -413,6 +416,7 @@ impl BackupSession {
             size: disk_size,
             chunk_size,
             index: key,
+            index_sizes,
             stats: stats.clone(),
         });
         Ok(stats)

@@ -13,18 +13,22 @@ use rand::{Rng, RngCore, SeedableRng};
 use rstest::rstest;
 use stillpoint_repo::{
     BackupOptions, DiskInput, DiskSource, ErrorKind, Extent, FileSource, ImageFormat, InitOptions,
-    KdfParams, KeepRules, Repository, RestoreOptions, SnapshotInfo,
+    KdfParams, KeepRules, Repository, RestoreOptions, SecretString, SnapshotInfo,
 };
 
 const CHUNK: u32 = 64 << 10;
 const PASS: &str = "test passphrase";
+
+fn pass() -> SecretString {
+    SecretString::from(PASS)
+}
 
 fn init(dir: &Path, encrypted: bool, grace: Duration) -> Repository {
     Repository::init_local(
         dir.join("repo"),
         &InitOptions {
             chunk_size: CHUNK,
-            passphrase: encrypted.then(|| PASS.to_string()),
+            passphrase: encrypted.then(pass),
             kdf: KdfParams::for_tests(),
             gc_grace: grace,
             ..Default::default()
@@ -140,7 +144,8 @@ fn round_trip_is_byte_identical(
     make_image(&image, size, content, 7);
     let manifest = backup(&repo, "vm", &image);
     // Reopen with the passphrase, as a later process would.
-    let repo = Repository::open_local(dir.path().join("repo"), encrypted.then_some(PASS)).unwrap();
+    let repo =
+        Repository::open_local(dir.path().join("repo"), encrypted.then(pass).as_ref()).unwrap();
     let manifest = repo.find_snapshot(&manifest.id[..8]).unwrap();
     let out = dir.path().join("restored");
     restore(&repo, &manifest, &out);
@@ -418,13 +423,13 @@ fn flipped_index_and_manifest_bits_are_reported() {
 #[test]
 fn opening_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Repository::open_local(dir.path().join("nope"), Some(PASS)).unwrap_err();
+    let err = Repository::open_local(dir.path().join("nope"), Some(&pass())).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NoRepository);
     assert!(err.to_string().contains("nope"));
 
     init(dir.path(), true, Duration::from_secs(60));
     let root = dir.path().join("repo");
-    let err = Repository::open_local(&root, Some("wrong")).unwrap_err();
+    let err = Repository::open_local(&root, Some(&SecretString::from("wrong"))).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::WrongPassphrase);
     assert_eq!(
         Repository::open_local(&root, None).unwrap_err().kind(),
@@ -433,7 +438,7 @@ fn opening_errors_are_clear() {
     let err = Repository::init_local(
         &root,
         &InitOptions {
-            passphrase: Some("x".into()),
+            passphrase: Some(SecretString::from("x")),
             kdf: KdfParams::for_tests(),
             ..Default::default()
         },
@@ -447,7 +452,7 @@ fn opening_errors_are_clear() {
         config.replace("\"version\": 1", "\"version\": 99"),
     )
     .unwrap();
-    let err = Repository::open_local(&root, Some(PASS)).unwrap_err();
+    let err = Repository::open_local(&root, Some(&pass())).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::UnsupportedVersion);
     assert!(err.to_string().contains("version 99"), "{err}");
 }
@@ -748,4 +753,267 @@ fn prune_keeps_the_parent_of_a_running_backup() {
         )
         .unwrap();
     assert_eq!(report.deleted, vec![old.id]);
+}
+
+/// Whoever can write to the storage edits `config` to say "none" (adding an id key, as an
+/// unencrypted config has): the repository refuses to open instead of writing in clear.
+#[test]
+fn a_config_downgraded_to_no_encryption_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), true, Duration::from_secs(3600));
+    let image = dir.path().join("image");
+    make_image(&image, 1 << 20, Content::Mixed, 9);
+    backup(&repo, "vm", &image);
+    let root = dir.path().join("repo");
+    let config_path = root.join("config");
+    let config = fs::read_to_string(&config_path).unwrap();
+    let downgraded = config.replace(
+        "\"encryption\": \"aes256-gcm\",",
+        &format!(
+            "\"encryption\": \"none\",\n  \"id_key\": \"{}\",",
+            "ab".repeat(32)
+        ),
+    );
+    assert_ne!(config, downgraded);
+    fs::write(&config_path, &downgraded).unwrap();
+    for passphrase in [None, Some(pass())] {
+        let err = Repository::open_local(&root, passphrase.as_ref()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        let message = err.to_string();
+        assert!(message.contains("\"encryption\": \"none\""), "{message}");
+        assert!(message.contains("key files"), "{message}");
+        assert!(
+            message.contains(&config_path.display().to_string()),
+            "{message}"
+        );
+    }
+    // Also with the key files removed: the encrypted snapshots give it away.
+    fs::remove_dir_all(root.join("keys")).unwrap();
+    let message = Repository::open_local(&root, None).unwrap_err().to_string();
+    assert!(message.contains("is encrypted"), "{message}");
+    assert!(message.contains("snapshots/"), "{message}");
+}
+
+#[test]
+fn init_refuses_a_non_empty_unrelated_directory_and_bad_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("photos");
+    fs::create_dir(&target).unwrap();
+    fs::write(target.join("holiday.jpg"), b"not a repository").unwrap();
+    let options = InitOptions {
+        passphrase: Some(pass()),
+        kdf: KdfParams::for_tests(),
+        chunk_size: CHUNK,
+        ..Default::default()
+    };
+    let err = Repository::init_local(&target, &options).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("not empty"), "{err}");
+    assert!(
+        err.to_string().contains(&target.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(fs::read_dir(&target).unwrap().count(), 1, "nothing written");
+    // An empty directory and a new path are fine.
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    Repository::init_local(&empty, &options).unwrap();
+    Repository::init_local(dir.path().join("new/deeper"), &options).unwrap();
+    // zstd's range is enforced at init too.
+    let err = Repository::init_local(
+        dir.path().join("z"),
+        &InitOptions {
+            zstd_level: 99999,
+            ..options.clone()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("zstd_level 99999"), "{err}");
+}
+
+/// A sparse disk whose data is a few bytes at the start and at the end.
+struct HugeSparse {
+    size: u64,
+}
+
+impl HugeSparse {
+    fn byte_at(offset: u64) -> u8 {
+        (offset % 251) as u8 | 1
+    }
+}
+
+impl DiskSource for HugeSparse {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn data_extents(&self) -> stillpoint_repo::Result<Vec<Extent>> {
+        Ok(vec![
+            Extent {
+                offset: 0,
+                len: 4096,
+            },
+            Extent {
+                offset: self.size - 1000,
+                len: 1000,
+            },
+        ])
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> stillpoint_repo::Result<()> {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = Self::byte_at(offset + i as u64);
+        }
+        Ok(())
+    }
+}
+
+/// A valid disk of 1 TiB + 1 chunk at 64 KiB chunks has 2^24 + 1 chunks: its index (512 MiB
+/// of digests) is over the blob limit, which aborted the backup before indexes were split into
+/// segments. It backs up, lists, verifies and restores; its index is 17 segments.
+/// (Takes ~600 MiB of memory for the index, by design 32 bytes per chunk.)
+#[test]
+fn a_one_tib_disk_at_64_kib_chunks_backs_up_and_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), true, Duration::from_secs(3600));
+    let source = HugeSparse {
+        size: (1 << 40) + u64::from(CHUNK),
+    };
+    let mut session = repo
+        .begin_backup(BackupOptions {
+            vm: "big".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let stats = session
+        .write_disk(
+            DiskInput {
+                name: "vda".into(),
+                source: &source,
+                changed: None,
+            },
+            None,
+        )
+        .unwrap();
+    assert_eq!(stats.chunks_new, 2);
+    let manifest = session.publish(SnapshotInfo::default()).unwrap();
+    let entry = &manifest.disks[0];
+    assert_eq!(
+        entry.index_sizes.len(),
+        17,
+        "2^24 + 1 entries in 2^20-entry segments"
+    );
+    let root = dir.path().join("repo");
+    assert!(root.join(format!("{}.16", entry.index)).exists());
+
+    let repo = Repository::open_local(&root, Some(&pass())).unwrap();
+    let manifest = repo.find_snapshot("big:latest").unwrap();
+    let index = repo.load_index(&manifest, "vda").unwrap();
+    assert_eq!(index.entries().len(), (1 << 24) + 1);
+    assert!(!index.is_zero(0) && !index.is_zero(1 << 24) && index.is_zero(12345));
+    drop(index);
+    let report = repo.verify(false, None).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.chunks_checked, 2);
+    let out = dir.path().join("vda.raw");
+    repo.restore_disk(
+        &manifest,
+        "vda",
+        &out,
+        ImageFormat::Raw,
+        RestoreOptions::default(),
+        None,
+    )
+    .unwrap();
+    let file = File::open(&out).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), source.size);
+    let mut head = vec![0u8; 4097];
+    file.read_exact_at(&mut head, 0).unwrap();
+    assert!(
+        head[..4096]
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == HugeSparse::byte_at(i as u64))
+    );
+    assert_eq!(head[4096], 0);
+    let mut tail = vec![0u8; 1000];
+    file.read_exact_at(&mut tail, source.size - 1000).unwrap();
+    assert!(
+        tail.iter()
+            .enumerate()
+            .all(|(i, &b)| b == HugeSparse::byte_at(source.size - 1000 + i as u64))
+    );
+    drop(file);
+    fs::remove_file(&out).unwrap();
+
+    // A missing segment is named, not taken for a short index.
+    fs::remove_file(root.join(format!("{}.7", entry.index))).unwrap();
+    let err = repo.load_index(&manifest, "vda").unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("{}.7", entry.index)),
+        "{err}"
+    );
+}
+
+/// A disk with more chunks than an index holds is refused up front, naming the disk.
+#[test]
+fn a_disk_beyond_the_index_limit_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), false, Duration::from_secs(3600));
+    let source = HugeSparse {
+        size: u64::from(u32::MAX) * u64::from(CHUNK) + 1,
+    };
+    let mut session = repo
+        .begin_backup(BackupOptions {
+            vm: "huge".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let err = session
+        .write_disk(
+            DiskInput {
+                name: "vdz".into(),
+                source: &source,
+                changed: None,
+            },
+            None,
+        )
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    let message = err.to_string();
+    assert!(
+        message.contains("disk vdz") && message.contains("larger chunk size"),
+        "{message}"
+    );
+}
+
+/// A truncated index is reported as truncated, with the object and both sizes.
+#[test]
+fn a_truncated_index_is_reported_as_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), true, Duration::from_secs(3600));
+    let image = dir.path().join("image");
+    make_image(&image, 3 << 20, Content::Random, 4);
+    let manifest = backup(&repo, "vm", &image);
+    let entry = &manifest.disks[0];
+    let path = dir.path().join("repo").join(&entry.index);
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = repo.load_index(&manifest, "disk0").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!(
+            "truncated: {} bytes, the manifest recorded {}",
+            bytes.len() / 2,
+            bytes.len()
+        )),
+        "{message}"
+    );
+    assert!(message.contains(&entry.index), "{message}");
+    let report = repo.verify(true, None).unwrap();
+    assert!(
+        report.problems[0].message.contains("truncated"),
+        "{:?}",
+        report.problems
+    );
 }

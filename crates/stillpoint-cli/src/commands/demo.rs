@@ -134,7 +134,7 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let repo = Repository::init_local(
         &repo_path,
         &InitOptions {
-            passphrase: Some(passphrase),
+            passphrase: Some(passphrase.into()),
             ..Default::default()
         },
     )
