@@ -1178,7 +1178,7 @@ mod tests {
         );
     }
 
-    /// The form of reference/guest-vm-lab.md (`-drive file=…,if=virtio,format=…`) plus the
+    /// The plain `-drive file=…,if=virtio,format=…` form (as a hand-written QEMU line has it) plus the
     /// options that go or move: -daemonize, -pidfile, -D, -monitor, a second serial, tcp.
     #[test]
     fn drive_form_and_the_options_that_are_dropped_or_moved() {
