@@ -86,13 +86,7 @@ pub(crate) fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn process_alive(pid: u32) -> bool {
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None) {
-        Ok(()) => true,
-        Err(nix::errno::Errno::ESRCH) => false,
-        Err(_) => true, // EPERM: exists, owned by someone else
-    }
-}
+use stillpoint_os::process::process_alive;
 
 /// Whether a lock is stale: not refreshed for [`STALE_AFTER`] (by `now`, backend clock) or
 /// held by a process of this host that no longer exists.

@@ -122,7 +122,7 @@ fn init(ctx: &Context, args: InitArgs) -> anyhow::Result<ExitCode> {
     let passphrase = if args.unencrypted {
         None
     } else {
-        Some(passphrase(ctx, true)?)
+        Some(secrecy::ExposeSecret::expose_secret(&passphrase(ctx, true)?).to_owned())
     };
     let path = ctx.repo_path();
     let repo = Repository::init_local(
