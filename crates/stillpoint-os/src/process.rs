@@ -3,11 +3,17 @@
 /// Whether process `pid` lives. A zombie (or a dead task, state `X`) counts as dead: it has
 /// exited and holds nothing any more — not a freeze, not a repository lock — it only waits
 /// for its parent to read its status, which may never happen (a guardian's parent is gone).
-/// A process of another user counts as alive (its `/proc` entry is readable).
+/// A process of another user counts as alive.
 ///
-/// Reads `/proc/PID/stat` (Linux): `kill(pid, 0)` would also report zombies as alive.
+/// Reads `/proc/PID/stat` (Linux), since `kill(pid, 0)` reports zombies as alive. When that
+/// entry cannot be read (a `/proc` mounted with `hidepid` hides other users' processes),
+/// `kill(pid, 0)` decides: only "no such process" is dead — a repository lock of another
+/// user's live backup must never look stale.
 pub fn process_alive(pid: u32) -> bool {
-    if pid == 0 {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false; // no such pid on Linux
+    };
+    if raw == 0 {
         return false; // not a process: kill(0, …) would mean "my process group"
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -17,7 +23,10 @@ pub fn process_alive(pid: u32) -> bool {
             Some(end) => !matches!(stat[end + 1..].trim_start().chars().next(), Some('Z' | 'X')),
             None => true,
         },
-        Err(_) => false,
+        Err(_) => !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None),
+            Err(nix::errno::Errno::ESRCH)
+        ),
     }
 }
 
@@ -33,6 +42,7 @@ mod tests {
         child.wait().expect("wait");
         assert!(!process_alive(pid));
         assert!(!process_alive(0));
+        assert!(!process_alive(u32::MAX));
     }
 
     #[test]
