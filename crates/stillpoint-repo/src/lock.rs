@@ -14,6 +14,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+// A zombie counts as dead: it refreshes no lock any more.
+use stillpoint_os::process::process_alive;
 use tracing::{debug, warn};
 
 use crate::backend::{Backend, ObjectMeta};
@@ -85,8 +87,6 @@ pub(crate) fn hostname() -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
 }
-
-use stillpoint_os::process::process_alive;
 
 /// Whether a lock is stale: not refreshed for [`STALE_AFTER`] (by `now`, backend clock) or
 /// held by a process of this host that no longer exists.
