@@ -18,7 +18,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A name (VM name, snapshot name …) that would become a path is not acceptable.
-    #[error("{what} `{name}`: {problem}")]
+    #[error("invalid {what} `{name}`: {problem}")]
     InvalidName {
         what: String,
         name: String,

@@ -103,7 +103,7 @@ mod tests {
             &"x".repeat(65),
         ] {
             let error = validate_name("VM name", bad).expect_err(bad).to_string();
-            assert!(error.starts_with("VM name `"), "{error}");
+            assert!(error.starts_with("invalid VM name `"), "{error}");
         }
         let error = validate_name("--name", &"y".repeat(300))
             .unwrap_err()
