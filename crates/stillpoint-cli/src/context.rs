@@ -51,6 +51,9 @@ impl Context {
             .runtime_dir
             .clone()
             .unwrap_or_else(stillpoint_platform::runtime::runtime_root);
+        // It holds leases, agent and monitor sockets and scratch images with guest data in
+        // clear: private to this user, or refused (docs/local-vms.md).
+        stillpoint_platform::runtime::ensure_private(&runtime_root)?;
         Ok(Self {
             global,
             config,
@@ -86,6 +89,17 @@ impl Context {
             guardian: GuardianCommand::current_exe()?,
         })
     }
+}
+
+/// Checks the VM that command-line argument `argument` (`VM`, `--name` …) names: the name
+/// part of the reference becomes directory, socket and lease paths and the snapshot's VM name,
+/// so it must pass the one name rule (`stillpoint_os::names::validate_name`) — `../x` never
+/// reaches a path. A reference with an unknown platform is left to the resolver's error.
+pub fn check_vm_argument(argument: &str, reference: &str) -> anyhow::Result<()> {
+    if let Ok(vm) = stillpoint_platform::VmRef::parse(reference) {
+        stillpoint_os::names::validate_name(argument, &vm.name)?;
+    }
+    Ok(())
 }
 
 /// Logs go to stderr so that stdout stays clean for `--json`.

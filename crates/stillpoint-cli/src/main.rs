@@ -74,6 +74,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: nothing else runs yet — `main` starts single-threaded and the async runtime (the
+    // first thread besides this one) is built below — so no thread can read the environment
+    // while it changes.
+    #[allow(unsafe_code)]
+    let secrets = unsafe { stillpoint_os::secrets::take_from_environment() };
+    password::keep_environment_secrets(secrets);
     let cli = Cli::parse();
     context::init_logging(&cli.global);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

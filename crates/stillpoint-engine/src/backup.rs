@@ -1096,17 +1096,7 @@ pub fn vm_name(reference: &str) -> String {
         .unwrap_or_else(|_| reference.to_string())
 }
 
-fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
+use stillpoint_os::names::file_name as sanitize;
 
 fn platform(error: stillpoint_platform::PlatformError) -> EngineError {
     EngineError::new(EngineErrorKind::Platform, "the platform failed").with_source(error)

@@ -139,16 +139,7 @@ pub fn now_ms() -> u64 {
 
 /// Where the lease of a VM lives.
 pub fn lease_path(runtime_root: &Path, vm: &str) -> PathBuf {
-    let file: String = vm
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let file = stillpoint_os::names::file_name(vm);
     runtime_root.join("leases").join(format!("{file}.json"))
 }
 
@@ -175,10 +166,8 @@ pub fn write_lease(path: &Path, lease: &Lease) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|error| {
         EngineError::lease(dir, "cannot create the lease directory").with_source(error)
     })?;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let bytes = serde_json::to_vec_pretty(lease).expect("a lease always serialises");
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
+    stillpoint_os::fs::write_atomically(path, &bytes)
         .map_err(|error| EngineError::lease(path, "cannot write the lease").with_source(error))
 }
 
@@ -197,16 +186,7 @@ pub fn remove_lease(path: &Path, token: &str) -> Result<bool> {
 }
 
 /// Whether a process lives (a zombie counts as dead: it froze nothing any more).
-pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state is the field after the parenthesised command name.
-        Ok(stat) => match stat.rfind(')') {
-            Some(end) => !matches!(stat[end + 1..].trim_start().chars().next(), Some('Z' | 'X')),
-            None => true,
-        },
-        Err(_) => false,
-    }
-}
+pub use stillpoint_os::process::process_alive;
 
 /// A fresh random token for a lease.
 pub fn new_token() -> String {
@@ -242,7 +222,7 @@ impl GuardianCommand {
             .map_err(|error| {
                 EngineError::lease(&log, "cannot open the guardian log").with_source(error)
             })?;
-        let mut child = tokio::process::Command::new(&self.program)
+        let mut child = tokio::process::Command::from(stillpoint_os::child::command(&self.program))
             .args(&self.args)
             .arg("--lease")
             .arg(lease)
@@ -471,7 +451,9 @@ mod tests {
     fn lease_round_trip_and_token_guarded_removal() {
         let dir = tempfile::tempdir().unwrap();
         let path = lease_path(dir.path(), "qemu:demo vm");
-        assert!(path.ends_with("leases/qemu_demo_vm.json"));
+        // Escaped injectively (`qemu:demo_vm` gets another file).
+        assert!(path.ends_with("leases/qemu%3Ademo%20vm.json"), "{path:?}");
+        assert_ne!(path, lease_path(dir.path(), "qemu:demo_vm"));
         assert!(pause_lease_path(dir.path(), "demo").ends_with("leases/demo.pause.json"));
         assert_eq!(read_lease(&path).unwrap(), None);
         write_lease(&path, &lease()).unwrap();

@@ -205,16 +205,7 @@ pub struct PhaseState {
 
 /// Where the state file of `vm` lives.
 pub fn state_path(runtime_root: &Path, vm: &str) -> PathBuf {
-    let file: String = vm
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let file = stillpoint_os::names::file_name(vm);
     runtime_root
         .join("recipe-runs")
         .join(format!("{file}.json"))
@@ -250,13 +241,10 @@ fn write_state(path: &Path, state: &PhaseState) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|error| {
         state_error(dir, "cannot create the recipe phase directory").with_source(error)
     })?;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let bytes = serde_json::to_vec_pretty(state).expect("a phase state always serialises");
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|error| {
-            state_error(path, "cannot write the recipe phase state").with_source(error)
-        })
+    stillpoint_os::fs::write_atomically(path, &bytes).map_err(|error| {
+        state_error(path, "cannot write the recipe phase state").with_source(error)
+    })
 }
 
 fn state_error(path: &Path, what: impl std::fmt::Display) -> EngineError {
@@ -1208,7 +1196,10 @@ spec:
     fn state_files_round_trip_and_bad_ones_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = state_path(dir.path(), "kubevirt:ns/vm 1");
-        assert_eq!(path, dir.path().join("recipe-runs/kubevirt_ns_vm_1.json"));
+        assert_eq!(
+            path,
+            dir.path().join("recipe-runs/kubevirt%3Ans%2Fvm%201.json")
+        );
         assert_eq!(read_state(&path).unwrap(), None);
         let state = PhaseState {
             version: STATE_VERSION,
@@ -1238,7 +1229,7 @@ spec:
             "{error}"
         );
         assert!(
-            error.to_string().contains("kubevirt_ns_vm_1.json"),
+            error.to_string().contains("kubevirt%3Ans%2Fvm%201.json"),
             "{error}"
         );
         std::fs::write(&path, br#"{"version": 9}"#).unwrap();

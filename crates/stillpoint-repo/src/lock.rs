@@ -14,6 +14,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+// A zombie counts as dead: it refreshes no lock any more.
+use stillpoint_os::process::process_alive;
 use tracing::{debug, warn};
 
 use crate::backend::{Backend, ObjectMeta};
@@ -84,14 +86,6 @@ pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
-}
-
-fn process_alive(pid: u32) -> bool {
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None) {
-        Ok(()) => true,
-        Err(nix::errno::Errno::ESRCH) => false,
-        Err(_) => true, // EPERM: exists, owned by someone else
-    }
 }
 
 /// Whether a lock is stale: not refreshed for [`STALE_AFTER`] (by `now`, backend clock) or

@@ -90,7 +90,7 @@ impl Repository {
             .map_err(|e| Error::io("cannot flush the restored image", e).with_path(&raw_path))?;
         drop(file);
         if format == ImageFormat::Qcow2 {
-            let output = std::process::Command::new("qemu-img")
+            let output = stillpoint_os::child::command("qemu-img")
                 .args(["convert", "-f", "raw", "-O", "qcow2"])
                 .arg(&raw_path)
                 .arg(dest)

@@ -1,39 +1,30 @@
 //! Where things live on the host: the runtime root of launched VMs, the guest image cache,
 //! and the host tools found on `PATH`.
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
 
 /// Environment variable that overrides the runtime root.
-pub const RUNTIME_DIR_ENV: &str = "STILLPOINT_RUNTIME_DIR";
+pub use stillpoint_os::runtime::RUNTIME_DIR_ENV;
 /// Environment variable that overrides the guest image cache directory.
 pub const GUEST_DIR_ENV: &str = "STILLPOINT_GUEST_DIR";
 
 /// The runtime root for VMs: `$STILLPOINT_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/stillpoint`,
-/// else `/tmp/stillpoint-<uid>`. Each VM gets `<root>/vms/<name>/`.
+/// else `/tmp/stillpoint-<uid>` (the rule's one home is `stillpoint_os::runtime`; launching a
+/// VM creates the root private, see [`crate::LaunchedVm`]). Each VM gets `<root>/vms/<name>/`.
 pub fn default_runtime_root() -> PathBuf {
-    runtime_root_from(
-        std::env::var_os(RUNTIME_DIR_ENV).as_deref(),
-        std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
-        nix::unistd::getuid().as_raw(),
-    )
-}
-
-fn runtime_root_from(explicit: Option<&OsStr>, xdg: Option<&OsStr>, uid: u32) -> PathBuf {
-    if let Some(dir) = explicit.filter(|dir| !dir.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    if let Some(dir) = xdg.filter(|dir| !dir.is_empty()) {
-        return PathBuf::from(dir).join("stillpoint");
-    }
-    PathBuf::from(format!("/tmp/stillpoint-{uid}"))
+    stillpoint_os::runtime::runtime_root()
 }
 
 /// The directory of one VM under a runtime root.
-pub fn vm_dir(root: &Path, name: &str) -> PathBuf {
-    root.join("vms").join(name)
+pub use stillpoint_os::runtime::vm_dir;
+
+/// Creates the runtime root private (0700) or refuses one that is not (see
+/// `stillpoint_os::runtime::ensure_private`).
+pub(crate) fn ensure_private_root(root: &Path) -> Result<()> {
+    stillpoint_os::runtime::ensure_private(root)
+        .map_err(|error| Error::new(ErrorKind::Io, error.to_string()).with_path(root))
 }
 
 /// The guest image cache: `$STILLPOINT_GUEST_DIR`, else `<workspace>/target/stillpoint-guest`
@@ -86,24 +77,10 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// Checks a VM name: it becomes a directory name, part of socket paths and QEMU's `-name`.
+/// The rule's one home is `stillpoint_os::names::validate_name`.
 pub(crate) fn validate_vm_name(name: &str) -> Result<()> {
-    let valid_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    let starts_well = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric());
-    if name.is_empty() || name.len() > 64 || !valid_chars || !starts_well {
-        return Err(Error::invalid(
-            "VM name",
-            format!(
-                "`{name}` must be 1 to 64 characters of letters, digits, `-`, `_` or `.`, \
-                 starting with a letter or digit"
-            ),
-        ));
-    }
-    Ok(())
+    stillpoint_os::names::validate_name("VM name", name)
+        .map_err(|error| Error::new(ErrorKind::InvalidConfig, error.to_string()))
 }
 
 /// Longest path a Unix socket can have (`sun_path` is 108 bytes including the NUL).
@@ -112,24 +89,6 @@ pub(crate) const MAX_SOCKET_PATH: usize = 107;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn runtime_root_prefers_explicit_then_xdg_then_tmp() {
-        let explicit = OsStr::new("/srv/sp");
-        let xdg = OsStr::new("/run/user/7");
-        assert_eq!(
-            runtime_root_from(Some(explicit), Some(xdg), 7),
-            PathBuf::from("/srv/sp")
-        );
-        assert_eq!(
-            runtime_root_from(Some(OsStr::new("")), Some(xdg), 7),
-            PathBuf::from("/run/user/7/stillpoint")
-        );
-        assert_eq!(
-            runtime_root_from(None, None, 7),
-            PathBuf::from("/tmp/stillpoint-7")
-        );
-    }
 
     #[test]
     fn vm_names_are_checked() {

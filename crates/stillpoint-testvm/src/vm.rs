@@ -140,6 +140,7 @@ impl LaunchedVm {
     async fn launch_validated(config: VmConfig, options: &LaunchOptions) -> Result<Self> {
         let accel = Accel::from_env()?;
         let qemu = find_tool("qemu-system-x86_64", "qemu-system-x86")?;
+        crate::paths::ensure_private_root(&options.root)?;
         let dir = absolute(&vm_dir(&options.root, &config.name))?;
         claim_vm_dir(&dir)?;
 
@@ -170,7 +171,7 @@ impl LaunchedVm {
         let log_err = log
             .try_clone()
             .map_err(|e| Error::io("reopen", &log_path, e))?;
-        let mut command = Command::new(&qemu);
+        let mut command = stillpoint_os::child::command(&qemu);
         command
             .args(&args)
             .current_dir(&dir)
@@ -540,7 +541,7 @@ impl LaunchedVm {
         let log_err = log
             .try_clone()
             .map_err(|e| Error::io("reopen", &log_path, e))?;
-        let mut command = Command::new(&qemu);
+        let mut command = stillpoint_os::child::command(&qemu);
         command
             .args(&args)
             .current_dir(&self.dir)
@@ -595,34 +596,14 @@ impl Drop for LaunchedVm {
 }
 
 /// Sets up QEMU's process for its lifetime (runs in the child between fork and exec).
-#[allow(unsafe_code)]
 fn configure_lifetime(command: &mut Command, lifetime: Lifetime) {
     match lifetime {
         Lifetime::Attached => {
-            let parent = nix::unistd::getpid();
             command.process_group(0);
-            // SAFETY: the closure runs in the forked child before exec and only makes two
-            // async-signal-safe system calls (prctl, getppid); it allocates nothing.
-            unsafe {
-                command.pre_exec(move || {
-                    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-                    // The parent may have died between fork and prctl: then no signal comes.
-                    if nix::unistd::getppid() != parent {
-                        return Err(nix::errno::Errno::ESRCH.into());
-                    }
-                    Ok(())
-                });
-            }
+            stillpoint_os::child::die_with_parent(command);
         }
         Lifetime::Detached => {
-            // SAFETY: the closure runs in the forked child before exec and only calls setsid,
-            // which is async-signal-safe; it allocates nothing.
-            unsafe {
-                command.pre_exec(|| {
-                    nix::unistd::setsid()?;
-                    Ok(())
-                });
-            }
+            stillpoint_os::child::new_session(command);
         }
     }
 }

@@ -56,6 +56,9 @@ pub struct BackupArgs {
 }
 
 pub async fn run(ctx: &Context, args: BackupArgs) -> anyhow::Result<ExitCode> {
+    for vm in &args.vms {
+        crate::context::check_vm_argument("VM", vm)?;
+    }
     let defaults = &ctx.config.config.backup;
     let requested = match args.consistency {
         Some(level) => level,

@@ -68,6 +68,8 @@ pub fn parse_changed_ranges(path: &Path, text: &str) -> anyhow::Result<Vec<Exten
 }
 
 pub async fn run(ctx: &Context, args: BackupImageArgs) -> anyhow::Result<ExitCode> {
+    // The name is the snapshot's VM name (the one rule for names, checked before anything).
+    stillpoint_os::names::validate_name("--name", &args.name)?;
     let repo = open_repository(ctx)?;
     let source = FileSource::open(&args.file)?;
     let parent = match args.parent.as_deref() {

@@ -26,6 +26,7 @@ pub struct CheckArgs {
 }
 
 pub async fn run(ctx: &Context, args: CheckArgs) -> anyhow::Result<ExitCode> {
+    crate::context::check_vm_argument("VM", &args.vm)?;
     let recipe = match &args.recipe {
         Some(path) => Some(recipe_facts(path)?),
         None => None,

@@ -129,8 +129,11 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
 
     let repo_path = root.path().join("repo");
-    let passphrase =
-        std::env::var("STILLPOINT_PASSWORD").unwrap_or_else(|_| DEMO_PASSPHRASE.to_string());
+    let passphrase = crate::password::environment_secret(crate::password::PASSWORD_ENV)
+        .map_or_else(
+            || DEMO_PASSPHRASE.to_string(),
+            |pass| secrecy::ExposeSecret::expose_secret(pass).to_owned(),
+        );
     let repo = Repository::init_local(
         &repo_path,
         &InitOptions {

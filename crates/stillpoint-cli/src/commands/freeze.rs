@@ -75,6 +75,7 @@ fn vm_reference(name: &str, namespace: Option<&str>) -> String {
 }
 
 pub async fn run_freeze(ctx: &Context, args: FreezeArgs) -> anyhow::Result<ExitCode> {
+    crate::context::check_vm_argument("--name", &args.name)?;
     let reference = vm_reference(&args.name, args.namespace.as_deref());
     let vm = ctx.platforms().resolve(&reference)?;
     let unfreeze_timeout = (args.unfreeze_timeout_seconds > 0)
@@ -127,6 +128,7 @@ pub async fn run_freeze(ctx: &Context, args: FreezeArgs) -> anyhow::Result<ExitC
 }
 
 pub async fn run_unfreeze(ctx: &Context, args: UnfreezeArgs) -> anyhow::Result<ExitCode> {
+    crate::context::check_vm_argument("--name", &args.name)?;
     let reference = vm_reference(&args.name, args.namespace.as_deref());
     let vm = ctx.platforms().resolve(&reference)?;
     let outcome = freeze::unfreeze_vm(vm.as_ref(), &ctx.guard_context()?)

@@ -122,7 +122,7 @@ fn init(ctx: &Context, args: InitArgs) -> anyhow::Result<ExitCode> {
     let passphrase = if args.unencrypted {
         None
     } else {
-        Some(passphrase(ctx, true)?.into())
+        Some(passphrase(ctx, true)?)
     };
     let path = ctx.repo_path();
     let repo = Repository::init_local(

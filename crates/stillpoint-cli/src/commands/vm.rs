@@ -23,8 +23,10 @@ The VMs run the stillpoint test/demo guest: a Debian 12 cloud kernel, busybox, t
 and sqlite3, with ext4 data disks mounted at /data, /data1, ... Each VM lives in \
 <runtime root>/vms/<NAME>/ (qmp.sock, qga.sock, console.log, the disks, vm.json). The runtime \
 root is runtime_dir from stillpoint.toml, else $STILLPOINT_RUNTIME_DIR, else \
-$XDG_RUNTIME_DIR/stillpoint, else /tmp/stillpoint-<uid>. Other stillpoint commands (check, \
-backup, freeze) find these VMs by NAME.
+$XDG_RUNTIME_DIR/stillpoint, else /tmp/stillpoint-<uid>; it is created 0700 and refused when \
+another user owns it or group/others may write it. NAME is 1 to 64 letters, digits, -, _ or ., \
+starting with a letter or digit. Other stillpoint commands (check, backup, freeze) find these VMs \
+by NAME.
 
 QEMU runs under TCG (software emulation); set STILLPOINT_ACCEL=kvm to use KVM.";
 

@@ -56,7 +56,10 @@ impl HostProcess {
             tracing::warn!(step = %request.id, container, "`container` applies on KubeVirt only; ignored on the qemu platform");
         }
         let wants_stdin = request.stdin.is_some() || keep_stdin_open;
-        let mut command = Command::new(program);
+        // Without inherited secrets (hooks are third-party scripts); the recipe's own `env` applies.
+        let mut command = stillpoint_os::child::command(program);
+        stillpoint_os::child::die_with_parent(&mut command);
+        let mut command = Command::from(command);
         command
             .args(args)
             .envs(request.env.iter().map(|(k, v)| (k, v)))
@@ -70,7 +73,6 @@ impl HostProcess {
             // A group of its own: a kill reaches what it started, and signals for our own
             // group (Ctrl-C) do not reach it; we end it ourselves.
             .process_group(0);
-        set_parent_death_signal(&mut command);
         let mut child = command.spawn().map_err(|error| {
             EngineError::new(
                 EngineErrorKind::HostCommand,
@@ -229,20 +231,6 @@ async fn collect(mut stream: impl AsyncRead + Unpin, into: Arc<Mutex<BoundedOutp
                 }
             }
         }
-    }
-}
-
-/// Asks the kernel to SIGKILL the host command when the thread that started it dies (so when
-/// stillpoint itself is killed, even by SIGKILL). This reaches the command's first process
-/// only; what it started lives on in its group.
-#[allow(unsafe_code)]
-fn set_parent_death_signal(command: &mut Command) {
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
-    // is async-signal-safe; it allocates nothing and touches no lock.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-        });
     }
 }
 

@@ -287,7 +287,7 @@ impl QemuCapture {
 /// `qemu-img create -f qcow2` of `size` bytes, no backing file (reference §1: the scratch
 /// target of the standalone filter must not have one).
 async fn create_scratch(path: &Path, size: u64) -> std::io::Result<()> {
-    let output = tokio::process::Command::new("qemu-img")
+    let output = tokio::process::Command::from(stillpoint_os::child::command("qemu-img"))
         .args(["create", "-q", "-f", "qcow2"])
         .arg(path)
         .arg(size.to_string())

@@ -62,16 +62,7 @@ pub fn disk_node_of<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
 
 /// The scratch file of one disk of one capture.
 pub fn scratch_file(dir: &Path, vm: &str, node: &str, capture_id: &str) -> PathBuf {
-    let vm: String = vm
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let vm = stillpoint_os::names::file_name(vm);
     dir.join(format!("{SCRATCH_FILE}{vm}-{node}-{capture_id}.qcow2"))
 }
 
@@ -131,7 +122,7 @@ mod tests {
         let path = scratch_file(Path::new("/scratch"), "web/01 x", "disk0", "123-abc");
         assert_eq!(
             path,
-            Path::new("/scratch/sp-scratch-web_01_x-disk0-123-abc.qcow2")
+            Path::new("/scratch/sp-scratch-web%2F01%20x-disk0-123-abc.qcow2")
         );
         assert!(is_scratch_file(&path));
         assert!(!is_scratch_file(Path::new("/vm/disk0.qcow2")));
