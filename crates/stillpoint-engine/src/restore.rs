@@ -221,13 +221,11 @@ pub fn format_name(format: ImageFormat) -> &'static str {
     }
 }
 
-/// A file name for a disk (disk names may contain `/`; an image snapshot's `disk.raw`
-/// restores to `disk.raw`, not `disk.raw.raw`).
+/// A file name for a disk (disk names may contain `/`: escaped injectively, so two disks
+/// never share a file; an image snapshot's `disk.raw` restores to `disk.raw`, not
+/// `disk.raw.raw`).
 pub fn disk_file_name(disk: &str, format: ImageFormat) -> String {
-    let safe: String = disk
-        .chars()
-        .map(|c| if c == '/' || c == '\0' { '_' } else { c })
-        .collect();
+    let safe = stillpoint_os::names::file_name(disk);
     let stem = [".raw", ".img", ".qcow2"]
         .iter()
         .find_map(|suffix| safe.strip_suffix(suffix))
@@ -911,7 +909,8 @@ mod tests {
         assert_eq!(disk_file_name("vd0", ImageFormat::Qcow2), "vd0.qcow2");
         assert_eq!(disk_file_name("disk.img", ImageFormat::Raw), "disk.raw");
         assert_eq!(disk_file_name("disk.raw", ImageFormat::Raw), "disk.raw");
-        assert_eq!(disk_file_name("a/b", ImageFormat::Raw), "a_b.raw");
-        assert_eq!(disk_file_name(".raw", ImageFormat::Raw), ".raw.raw");
+        assert_eq!(disk_file_name("a/b", ImageFormat::Raw), "a%2Fb.raw");
+        assert_eq!(disk_file_name("a_b", ImageFormat::Raw), "a_b.raw");
+        assert_eq!(disk_file_name(".raw", ImageFormat::Raw), "%2Eraw.raw");
     }
 }

@@ -6,8 +6,9 @@
 //! when QMP says `running`, the guest agent (when the definition has a channel for one)
 //! answers `guest-ping`, and the restored files are unchanged afterwards.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -61,9 +62,10 @@ pub async fn boot_test(request: &BootTestRequest) -> Result<BootTestReport> {
 
     let mut overlays = Vec::new();
     for disk in &request.disks {
-        let overlay = temp
-            .path()
-            .join(format!("{}.overlay.qcow2", sanitize(&disk.id)));
+        let overlay = temp.path().join(format!(
+            "{}.overlay.qcow2",
+            stillpoint_os::names::file_name(&disk.id)
+        ));
         create_overlay(&disk.path, &disk.format, &overlay)
             .await
             .map_err(|e| {
@@ -242,7 +244,7 @@ async fn create_overlay(
     format: &str,
     overlay: &Path,
 ) -> std::result::Result<(), std::io::Error> {
-    let output = tokio::process::Command::new("qemu-img")
+    let output = tokio::process::Command::from(stillpoint_os::child::command("qemu-img"))
         .args(["create", "-q", "-f", "qcow2", "-b"])
         .arg(backing)
         .args(["-F", format])
@@ -310,18 +312,6 @@ fn console_tail(console: Option<&Path>, qemu_log: &Path) -> String {
     }
 }
 
-fn sanitize(id: &str) -> String {
-    id.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 fn boot_error(message: impl Into<String>) -> PlatformError {
     PlatformError::new(PlatformErrorKind::BootTest, message)
 }
@@ -337,14 +327,17 @@ impl QemuProcess {
     fn spawn(program: &str, args: &[String], dir: &Path, log: &Path) -> std::io::Result<Self> {
         let out = std::fs::File::create(log)?;
         let err = out.try_clone()?;
-        let mut command = Command::new(program);
+        let mut command = stillpoint_os::child::command(program);
         command
             .args(args)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        die_with_parent(&mut command);
+        // Its own process group, so the whole group can be killed, and SIGKILL when the
+        // starting thread dies, so no QEMU outlives a killed `stillpoint`.
+        command.process_group(0);
+        stillpoint_os::child::die_with_parent(&mut command);
         let child = command.spawn()?;
         Ok(Self {
             child: std::sync::Mutex::new(child),
@@ -377,27 +370,6 @@ impl Drop for QemuProcess {
     }
 }
 
-/// Own process group (so the whole group can be killed) and SIGKILL when the starting thread
-/// dies (so no QEMU outlives a killed `stillpoint`).
-#[allow(unsafe_code)]
-fn die_with_parent(command: &mut Command) {
-    use std::os::unix::process::CommandExt as _;
-    let parent = nix::unistd::getpid();
-    command.process_group(0);
-    // SAFETY: the closure runs in the forked child before exec and only makes two
-    // async-signal-safe system calls (prctl, getppid); it allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-            // The parent may have died between fork and prctl: then no signal would come.
-            if nix::unistd::getppid() != parent {
-                return Err(nix::errno::Errno::ESRCH.into());
-            }
-            Ok(())
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! Real QEMU, no guest OS: enough to see the failure paths (QEMU refusing to start, an
@@ -412,7 +384,7 @@ mod tests {
     /// channel, and a "restored" image for it in `dir`.
     fn fixture(dir: &Path, extra: &[&str]) -> BootTestRequest {
         let image = dir.join("vd0.qcow2");
-        let created = Command::new("qemu-img")
+        let created = std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
             .arg(&image)
             .arg("16M")

@@ -227,16 +227,7 @@ impl<'a> Rewriter<'a> {
 
     /// A fresh file name in the run directory.
     fn run_file(&mut self, stem: &str, extension: &str) -> PathBuf {
-        let stem: String = stem
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let stem = stillpoint_os::names::file_name(stem);
         let mut name = format!("{stem}.{extension}");
         let mut n = 2;
         while !self.used_names.insert(name.clone()) {
