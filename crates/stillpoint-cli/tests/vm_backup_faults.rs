@@ -359,6 +359,11 @@ async fn stillpoint_killed_while_copying_is_released_by_the_guardian_and_loses_n
     );
     let log = capture_guardian_log(&bench);
     eprintln!("capture guardian log:\n{log}");
+    // Nothing else either: QEMU removes the export's socket when the NBD server stops.
+    let left: Vec<_> = std::fs::read_dir(bench.root.join("captures").join(bench.name()))
+        .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the scratch directory: {left:?}");
     assert!(
         log.contains(
             "released the capture of VM bkf-copy-kill: the backup that held the capture died"
