@@ -115,6 +115,7 @@ pub fn init_logging(global: &GlobalArgs) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(crate::output::colour_on_stderr())
         .with_target(false)
         .init();
 }

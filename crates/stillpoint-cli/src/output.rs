@@ -1,5 +1,8 @@
 //! Human and JSON output, error printing and the exit codes of `docs/exit-codes.md`.
 
+use std::ffi::OsStr;
+use std::io::IsTerminal;
+
 use serde::Serialize;
 
 /// The requested work was done (for backups: the requested consistency level was achieved).
@@ -32,4 +35,36 @@ pub fn print_error(error: &anyhow::Error, json: bool) {
 pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+/// Whether to write colour (ANSI escapes) to a stream: only to a terminal, and never when
+/// `NO_COLOR` is set to anything but the empty string (<https://no-color.org>). Log files,
+/// pipes and the guardian's log get plain text.
+pub fn colour_wanted(is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(OsStr::is_empty)
+}
+
+/// [`colour_wanted`] for stderr (logs and progress go there) in this process's environment.
+pub fn colour_on_stderr() -> bool {
+    colour_wanted(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color() {
+        assert!(colour_wanted(true, None));
+        assert!(!colour_wanted(false, None), "pipes and files get no colour");
+        assert!(!colour_wanted(true, Some(OsStr::new("1"))));
+        assert!(
+            colour_wanted(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR does not count (no-color.org)"
+        );
+        assert!(!colour_wanted(false, Some(OsStr::new("1"))));
+    }
 }

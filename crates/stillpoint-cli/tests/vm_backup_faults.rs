@@ -98,6 +98,52 @@ fn assert_restores_to(bench: &Bench, snapshot: &str, expected: &[(String, String
     image
 }
 
+/// The lease of the capture guardian of the bench's VM (exists while a backup holds a capture).
+fn capture_lease(bench: &Bench) -> PathBuf {
+    bench
+        .root
+        .join("leases")
+        .join(format!("{}.capture.json", bench.name()))
+}
+
+/// The log of the capture guardian of the bench's VM.
+fn capture_guardian_log(bench: &Bench) -> String {
+    std::fs::read_to_string(
+        bench
+            .root
+            .join("leases")
+            .join(format!("{}.capture.guardian.log", bench.name())),
+    )
+    .unwrap_or_default()
+}
+
+/// The copy-before-write scratch files in the VM's default scratch directory, with their
+/// sizes on the host (allocated bytes).
+fn scratch_files(bench: &Bench) -> Vec<(PathBuf, u64)> {
+    let dir = bench.root.join("captures").join(bench.name());
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| stillpoint_platform::qemu::capture::names::is_scratch_file(path))
+        .map(|path| {
+            let bytes = std::fs::metadata(&path)
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0);
+            (path, bytes)
+        })
+        .collect()
+}
+
+/// Waits (bounded, no timing asserted) until the capture guardian is done: its lease is gone.
+async fn capture_guardian_done(bench: &Bench) -> bool {
+    wait_until(Duration::from_secs(120), || async {
+        !capture_lease(bench).exists()
+    })
+    .await
+}
+
 fn recovered(report: &Value) -> Vec<String> {
     report["capture"]["recovered"]
         .as_array()
@@ -242,6 +288,18 @@ async fn stillpoint_killed_while_the_guest_is_frozen_is_thawed_by_the_guardian()
         .await
         .expect("the writer goes on after the thaw");
     assert_eq!(bench.snapshots().len(), 1, "nothing was published");
+    // The capture it had prepared (filter and scratch nodes, a scratch file) is released by
+    // the capture guardian, not left to the next backup.
+    assert!(
+        capture_guardian_done(&bench).await,
+        "the capture guardian ends; its log:\n{}",
+        capture_guardian_log(&bench)
+    );
+    let log = capture_guardian_log(&bench);
+    assert!(log.contains("released the capture"), "{log}");
+    assert!(scratch_files(&bench).is_empty(), "{log}");
+    let inventory = bench.capture_inventory().await;
+    assert!(inventory.leftovers.is_empty(), "{inventory:#?}\n{log}");
 
     change(&bench, 3).await;
     let before = bench.vm.records_written();
@@ -249,8 +307,8 @@ async fn stillpoint_killed_while_the_guest_is_frozen_is_thawed_by_the_guardian()
     let (code, report, output) = bench.backup(&[]);
     assert_eq!(code, Some(0), "{}", text(&output));
     assert!(
-        !recovered(&report).is_empty(),
-        "the leftovers of the killed backup were cleaned up: {report:#}"
+        recovered(&report).is_empty(),
+        "the guardian left nothing for the next backup to recover: {report:#}"
     );
     assert_eq!(disk(&report, "vd0")["mode"], "incremental", "{report:#}");
     let image = assert_restores_to(&bench, &snapshot_of(&report), &expected);
@@ -260,34 +318,83 @@ async fn stillpoint_killed_while_the_guest_is_frozen_is_thawed_by_the_guardian()
 }
 
 /// stillpoint is SIGKILLed while it copies, after the capture started (its new bitmap records,
-/// the parent's is stopped) and while the guest writes: nothing is published, and the next
-/// backup recovers the leftovers — merging what the dead capture's bitmap recorded back into
-/// the parent's — so its incremental holds the writes made before, during and after the
-/// killed run.
+/// the parent's is stopped) and while the guest writes: the capture guardian releases the
+/// dead backup's capture at once — the copy-before-write filter, the NBD export and the
+/// scratch file, which grows with every guest write — and settles the bitmaps as the next
+/// backup's recovery would (what the dead capture's bitmap recorded merged back into the
+/// parent's). Nothing is published, the VM runs, and the next backup's incremental holds the
+/// writes made before, during and after the killed run.
 #[tokio::test(flavor = "multi_thread")]
-async fn stillpoint_killed_while_copying_loses_no_change() {
+async fn stillpoint_killed_while_copying_is_released_by_the_guardian_and_loses_no_change() {
     let bench = with_first_backup("bkf-copy-kill").await;
     change(&bench, 2).await;
 
     let mut backup = bench.spawn_backup(&format!("{DURING_COPY}=pause"), &[]);
     backup.wait_for_failpoint(DURING_COPY);
-    // After the capture's instant: recorded only by the new bitmap of the capture.
+    assert!(
+        capture_lease(&bench).exists(),
+        "the capture has a guardian while the backup copies"
+    );
+    let before = scratch_files(&bench);
+    assert_eq!(before.len(), 1, "one scratch file for vd0: {before:?}");
+    // After the capture's instant: recorded only by the new bitmap of the capture, and the
+    // old data of every block it overwrites goes to the scratch file.
     change(&bench, 3).await;
+    let grown = scratch_files(&bench);
+    eprintln!("scratch file while the backup copies: {before:?} → {grown:?}");
     backup.kill();
-    change(&bench, 4).await;
-    assert_eq!(bench.snapshots().len(), 1, "nothing was published");
+
+    assert!(
+        wait_until(Duration::from_secs(120), || async {
+            scratch_files(&bench).is_empty()
+        })
+        .await,
+        "the scratch file is removed; capture guardian log:\n{}",
+        capture_guardian_log(&bench)
+    );
+    assert!(
+        capture_guardian_done(&bench).await,
+        "the capture guardian ends; its log:\n{}",
+        capture_guardian_log(&bench)
+    );
+    let log = capture_guardian_log(&bench);
+    eprintln!("capture guardian log:\n{log}");
+    // Nothing else either: QEMU removes the export's socket when the NBD server stops.
+    let left: Vec<_> = std::fs::read_dir(bench.root.join("captures").join(bench.name()))
+        .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the scratch directory: {left:?}");
+    assert!(
+        log.contains(
+            "released the capture of VM bkf-copy-kill: the backup that held the capture died"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("sp-cbw-"), "the filter was deleted: {log}");
+    assert!(log.contains("NBD export"), "the export was deleted: {log}");
+    assert!(
+        log.contains("merge dirty bitmap"),
+        "the bitmaps were settled: {log}"
+    );
+    // Nothing of the capture is left in QEMU: no filter, scratch or snapshot node, no export,
+    // and the device has its disk node again.
+    let inventory = bench.capture_inventory().await;
+    assert!(inventory.leftovers.is_empty(), "{inventory:#?}");
     assert_eq!(bench.run_state().await, "running");
     assert_eq!(
         bench.freeze_status().await,
         Some(stillpoint_qga::FreezeStatus::Thawed)
     );
+    change(&bench, 4).await;
+    assert_eq!(bench.snapshots().len(), 1, "nothing was published");
 
     let expected = guest_view(&bench, &files(4)).await;
     let (code, report, output) = bench.backup(&[]);
     assert_eq!(code, Some(0), "{}", text(&output));
-    let recovered = recovered(&report);
-    assert!(!recovered.is_empty(), "leftovers recovered: {report:#}");
-    eprintln!("recovered: {recovered:#?}");
+    assert!(
+        recovered(&report).is_empty(),
+        "the guardian left nothing for the next backup to recover: {report:#}"
+    );
     assert_eq!(disk(&report, "vd0")["mode"], "incremental", "{report:#}");
     assert_restores_to(&bench, &snapshot_of(&report), &expected);
 }

@@ -44,7 +44,7 @@ use crate::coverage;
 use crate::error::error_chain;
 use crate::error::{EngineError, EngineErrorKind, Result};
 use crate::failpoints;
-use crate::freeze::{FreezeWindow, GuardContext, GuardedFreeze, PauseGuard};
+use crate::freeze::{CaptureGuard, FreezeWindow, GuardContext, GuardedFreeze, PauseGuard};
 use crate::preflight;
 use crate::recipe_runner::{CaptureHook, QemuStepRunner};
 use crate::report::{BackupReport, CaptureTiming, DiskReport, ParentTracking, StepLog, ms};
@@ -531,6 +531,9 @@ impl Run {
             }
             request = request.only(selected);
         }
+        // Covers the capture until this function returns (finished or released by then): if
+        // this process dies meanwhile, a guardian releases what the capture left.
+        let _capture_guard = CaptureGuard::start(vm.as_ref(), &env.guard).await?;
         let prepared = self
             .log
             .run("prepare capture", capture.prepare(request))

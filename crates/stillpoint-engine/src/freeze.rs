@@ -8,6 +8,8 @@
 //!   freezing a frozen guest does not stack; the guardian thaws after the unfreeze timeout).
 //! - [`GuardedFreeze`]: the freeze a backup holds across the capture start only; its guardian
 //!   thaws at once if the backup process dies.
+//! - [`CaptureGuard`]: a backup's capture, covered from before `prepare` to after `finish`;
+//!   its guardian releases the capture through the platform once the backup is gone.
 //! - [`thaw_attempt`]: what a guardian does when its time has come.
 
 use std::path::PathBuf;
@@ -56,23 +58,29 @@ impl GuardContext {
             guardian_pid: None,
             thaw,
             resume_if_paused,
+            release_capture: false,
         };
         (path, lease)
     }
 
-    /// Writes the lease unless another live one is there: a lease another process still
-    /// holds, or whose guardian still watches, is never overwritten (that would silently end
-    /// its protection). A stale one (holder and guardian gone) is replaced.
+    /// Writes the lease unless another live one is there ([`guardian::lease_is_live`]): a
+    /// lease another process still holds, or whose guardian still watches a freeze, is never
+    /// overwritten (that would silently end its protection). A stale one is replaced.
     fn claim(&self, path: &std::path::Path, lease: &Lease) -> Result<()> {
         if let Some(other) = guardian::read_lease(path)?
             && other.token != lease.token
         {
             let guardian_alive = other.guardian_pid.is_some_and(guardian::process_alive);
-            let holder_alive = other.watch_holder && guardian::process_alive(other.holder_pid);
-            if guardian_alive || holder_alive {
+            let holder_alive = guardian::process_alive(other.holder_pid);
+            if guardian::lease_is_live(&other, holder_alive, guardian_alive) {
+                let (held_by, then) = if other.release_capture {
+                    ("a capture of another backup", "wait until that backup ends")
+                } else {
+                    ("another freeze", "unfreeze it first, or wait until it ends")
+                };
                 return Err(EngineError::guardian(format!(
-                    "VM `{}` is held by another freeze (lease {}, holder pid {}, guardian pid {}): \
-                     unfreeze it first, or wait until it ends",
+                    "VM `{}` is held by {held_by} (lease {}, holder pid {}, guardian pid {}): \
+                     {then}",
                     lease.vm,
                     path.display(),
                     other.holder_pid,
@@ -357,6 +365,9 @@ pub async fn thaw_attempt(vm: &dyn Vm, lease: &Lease) -> ThawAttempt {
     if status.state == RunState::NotRunning {
         return ThawAttempt::NotFrozen(format!("the VM is not running ({})", status.detail));
     }
+    if lease.release_capture {
+        return release_attempt(vm).await;
+    }
     let mut resumed = false;
     if lease.resume_if_paused && status.state == RunState::Paused {
         match vm.resume_if_paused().await {
@@ -397,6 +408,20 @@ pub async fn thaw_attempt(vm: &dyn Vm, lease: &Lease) -> ThawAttempt {
     .await;
     agent.release().await;
     attempt
+}
+
+/// One guardian attempt to release the capture of a dead backup through the platform (the VM
+/// runs: a hypervisor that is gone took its capture with it).
+async fn release_attempt(vm: &dyn Vm) -> ThawAttempt {
+    let Some(release) = vm.dead_capture_release() else {
+        return ThawAttempt::NotFrozen(
+            "the platform keeps nothing of a capture beyond its process".into(),
+        );
+    };
+    match release.release_dead_capture().await {
+        Ok(steps) => ThawAttempt::Released(steps),
+        Err(error) => ThawAttempt::Retry(error_chain(&error)),
+    }
 }
 
 /// The guardian process's work: watch `lease` (already read from `lease_file`) and, when its
@@ -544,6 +569,43 @@ impl PauseGuard {
     }
 }
 
+/// Covers a backup's capture for its whole life, from before `prepare` (nothing exists yet
+/// that could be left behind) to after `finish`: if the backup dies anywhere in between
+/// (SIGKILL included), its guardian releases what the capture left in the hypervisor at once
+/// — on QEMU the copy-before-write filters, the NBD export and the scratch files, which grow
+/// with every guest write until released — and settles the dirty bitmaps as a failed capture
+/// does, so the next backup loses no change. Dropping the guard (every return path of the
+/// backup, after the capture is finished or aborted) releases the guardian.
+pub struct CaptureGuard {
+    lease_path: PathBuf,
+    token: String,
+}
+
+impl CaptureGuard {
+    /// Starts the guardian of a capture of `vm`; `None` when the platform keeps nothing of a
+    /// capture beyond the process that made it.
+    pub async fn start(vm: &dyn Vm, guard: &GuardContext) -> Result<Option<Self>> {
+        if vm.dead_capture_release().is_none() {
+            return Ok(None);
+        }
+        // No deadline: the copy may take hours, and a living backup is never disturbed.
+        let (_, mut lease) = guard.lease(vm, None, false, false);
+        lease.release_capture = true;
+        let lease_path = guardian::capture_lease_path(&guard.runtime_root, &lease.vm);
+        guard.start_guardian(&lease_path, &mut lease).await?;
+        Ok(Some(Self {
+            lease_path,
+            token: lease.token,
+        }))
+    }
+}
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        let _ = guardian::remove_lease(&self.lease_path, &self.token);
+    }
+}
+
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
@@ -589,6 +651,7 @@ mod tests {
             guardian_pid: None,
             thaw: true,
             resume_if_paused: false,
+            release_capture: false,
         }
     }
 
@@ -609,6 +672,31 @@ mod tests {
         assert_eq!(
             guardian::read_lease(&path).unwrap().unwrap().token,
             "theirs"
+        );
+    }
+
+    #[test]
+    fn a_capture_lease_of_a_dead_backup_is_taken_over_even_while_its_guardian_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let guard = context(dir.path());
+        let path = guardian::capture_lease_path(dir.path(), "demo");
+        let mut dead = lease("dead", u32::MAX - 1);
+        dead.release_capture = true;
+        // Its guardian still runs (this process stands in for it).
+        dead.guardian_pid = Some(std::process::id());
+        guardian::write_lease(&path, &dead).unwrap();
+        let mut ours = lease("ours", std::process::id());
+        ours.release_capture = true;
+        guard.claim(&path, &ours).unwrap();
+        assert_eq!(guardian::read_lease(&path).unwrap().unwrap().token, "ours");
+
+        // A living backup's capture lease is never taken over.
+        let mut theirs = lease("theirs", std::process::id());
+        theirs.release_capture = true;
+        let error = guard.claim(&path, &theirs).unwrap_err();
+        assert!(
+            error.to_string().contains("a capture of another backup"),
+            "{error}"
         );
     }
 

@@ -16,6 +16,17 @@
 //! A lease may also (or only) guard a pause: the capture start pauses the vCPUs for a few ms;
 //! a guardian whose lease says `resume_if_paused` resumes a VM it finds paused first.
 //!
+//! A third kind guards a **capture's whole life** (`release_capture`, its own lease file
+//! `<vm>.capture.json`, written before the capture is prepared and removed once it is
+//! finished): a backup killed at any point leaves the capture in the hypervisor (on QEMU a
+//! copy-before-write filter, an NBD export and a scratch file that grows with every guest
+//! write). Its guardian watches the backup only — no deadline, a copy may take hours — and once
+//! the backup is gone calls the platform's release of a dead capture
+//! (`stillpoint_platform::capture::DeadCaptureRelease`), the same recovery the next backup's
+//! prepare would run. A living backup is never disturbed: the guardian acts only after its
+//! holder died (and on QEMU the living backup holds the monitor, so nothing else could talk to
+//! QEMU anyway).
+//!
 //! Thawing retries until the agent answers (the agent's channel takes one client at a time, and
 //! a freeze stuck in a guest hook keeps the agent busy until the hook returns), then verifies
 //! the guest reports `thawed`, removes the lease and exits. The decision is the pure function
@@ -67,6 +78,10 @@ pub struct Lease {
     /// VM found paused before thawing (a paused guest cannot answer its agent).
     #[serde(default)]
     pub resume_if_paused: bool,
+    /// The holder keeps a capture of the VM: release it once the holder is dead (the lease
+    /// guards the capture's whole life, not a freeze).
+    #[serde(default)]
+    pub release_capture: bool,
 }
 
 fn yes() -> bool {
@@ -91,6 +106,8 @@ pub enum ThawReason {
     FreezeTimedOut,
     HolderDied,
     DeadlinePassed,
+    /// The backup that held a capture died (a capture lease).
+    CaptureHolderDied,
 }
 
 impl std::fmt::Display for ThawReason {
@@ -99,6 +116,7 @@ impl std::fmt::Display for ThawReason {
             ThawReason::FreezeTimedOut => "the freeze call timed out",
             ThawReason::HolderDied => "the process that froze the guest died",
             ThawReason::DeadlinePassed => "the unfreeze timeout passed without an unfreeze",
+            ThawReason::CaptureHolderDied => "the backup that held the capture died",
         })
     }
 }
@@ -117,7 +135,11 @@ pub fn decide(lease: Option<&Lease>, token: &str, now_ms: u64, holder_alive: boo
     }
     if lease.watch_holder && !holder_alive {
         return Decision::Thaw {
-            reason: ThawReason::HolderDied,
+            reason: if lease.release_capture {
+                ThawReason::CaptureHolderDied
+            } else {
+                ThawReason::HolderDied
+            },
             stop_holder: false,
         };
     }
@@ -147,6 +169,27 @@ pub fn lease_path(runtime_root: &Path, vm: &str) -> PathBuf {
 /// the freeze lease, so that guarding a pause never disturbs a freeze someone else holds.
 pub fn pause_lease_path(runtime_root: &Path, vm: &str) -> PathBuf {
     lease_path(runtime_root, vm).with_extension("pause.json")
+}
+
+/// Where the lease guarding a capture's whole life (from before `prepare` to after `finish`)
+/// of a VM lives: apart from the freeze and pause leases, which come and go inside it.
+pub fn capture_lease_path(runtime_root: &Path, vm: &str) -> PathBuf {
+    lease_path(runtime_root, vm).with_extension("capture.json")
+}
+
+/// Whether a lease found where a new one is to be written still protects something, so that
+/// writing over it would silently end that protection. A freeze lease lives while its holder
+/// is watched and alive or its guardian still runs (`stillpoint freeze` exits right after the
+/// freeze and leaves the guest to its guardian). A capture lease lives only while its backup
+/// does: once the backup is dead, its guardian's release and the new backup's recovery do the
+/// same work, so a new backup need not wait for the old guardian.
+pub fn lease_is_live(lease: &Lease, holder_alive: bool, guardian_alive: bool) -> bool {
+    let holder_live = lease.watch_holder && holder_alive;
+    if lease.release_capture {
+        holder_live
+    } else {
+        holder_live || guardian_alive
+    }
 }
 
 /// Reads a lease; `Ok(None)` when there is none.
@@ -277,6 +320,12 @@ pub enum GuardianOutcome {
     },
     /// The guest was no longer frozen (or the VM was gone) when the guardian acted.
     NothingToThaw { reason: ThawReason, detail: String },
+    /// The guardian released the capture of a dead backup: what it did, a sentence a step
+    /// (empty: the hypervisor kept nothing of it).
+    CaptureReleased {
+        reason: ThawReason,
+        steps: Vec<String>,
+    },
 }
 
 /// One attempt to thaw, as the caller performs it against the real agent.
@@ -286,6 +335,8 @@ pub enum ThawAttempt {
     Thawed(u32),
     /// The guest was not frozen, or the VM is gone: nothing to do.
     NotFrozen(String),
+    /// Released the capture of a dead backup (capture leases): the steps done.
+    Released(Vec<String>),
     /// Try again later (agent busy, channel held by another client, …).
     Retry(String),
 }
@@ -329,7 +380,7 @@ where
             }
         }
     };
-    tracing::warn!("thawing: {reason} (holder pid {holder})");
+    tracing::warn!("acting: {reason} (holder pid {holder})");
     let give_up = tokio::time::Instant::now() + THAW_GIVE_UP;
     loop {
         match thaw().await {
@@ -343,6 +394,10 @@ where
             ThawAttempt::NotFrozen(detail) => {
                 remove_lease(lease_file, &token)?;
                 return Ok(GuardianOutcome::NothingToThaw { reason, detail });
+            }
+            ThawAttempt::Released(steps) => {
+                remove_lease(lease_file, &token)?;
+                return Ok(GuardianOutcome::CaptureReleased { reason, steps });
             }
             ThawAttempt::Retry(why) => {
                 if tokio::time::Instant::now() >= give_up {
@@ -376,7 +431,98 @@ mod tests {
             guardian_pid: None,
             thaw: true,
             resume_if_paused: false,
+            release_capture: false,
         }
+    }
+
+    fn capture_lease() -> Lease {
+        Lease {
+            watch_holder: true,
+            deadline_ms: None,
+            thaw: false,
+            release_capture: true,
+            ..lease()
+        }
+    }
+
+    #[test]
+    fn a_capture_lease_waits_as_long_as_its_backup_lives_and_releases_once_it_died() {
+        let lease = capture_lease();
+        // No deadline: a copy may take hours, and a living backup is never disturbed.
+        assert_eq!(decide(Some(&lease), "t1", u64::MAX, true), Decision::Wait);
+        assert_eq!(
+            decide(Some(&lease), "t1", 2_000, false),
+            Decision::Thaw {
+                reason: ThawReason::CaptureHolderDied,
+                stop_holder: false
+            }
+        );
+        assert_eq!(
+            ThawReason::CaptureHolderDied.to_string(),
+            "the backup that held the capture died"
+        );
+    }
+
+    #[test]
+    fn a_capture_lease_is_live_only_while_its_backup_is() {
+        let capture = capture_lease();
+        assert!(lease_is_live(&capture, true, true));
+        assert!(lease_is_live(&capture, true, false));
+        // The backup died; its guardian may still be releasing — the next backup's recovery
+        // does the same work, so the lease may be taken over.
+        assert!(!lease_is_live(&capture, false, true));
+        assert!(!lease_is_live(&capture, false, false));
+
+        let mut freeze = lease();
+        // `stillpoint freeze` exited (not watched): its guardian holds the guest.
+        assert!(lease_is_live(&freeze, false, true));
+        assert!(!lease_is_live(&freeze, false, false));
+        freeze.watch_holder = true;
+        assert!(lease_is_live(&freeze, true, false));
+    }
+
+    #[test]
+    fn an_older_lease_without_the_capture_field_reads_as_a_freeze_lease() {
+        let mut value = serde_json::to_value(lease()).unwrap();
+        value.as_object_mut().unwrap().remove("release_capture");
+        let read: Lease = serde_json::from_value(value).unwrap();
+        assert!(!read.release_capture);
+    }
+
+    #[tokio::test]
+    async fn watch_releases_a_dead_backups_capture_and_removes_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = capture_lease_path(dir.path(), "demo");
+        let mut lease = capture_lease();
+        lease.holder_pid = u32::MAX - 1; // no such process: the backup is dead
+        write_lease(&path, &lease).unwrap();
+        let mut attempts = 0;
+        let outcome = watch(
+            &path,
+            || {
+                attempts += 1;
+                let attempt = attempts;
+                async move {
+                    if attempt < 2 {
+                        ThawAttempt::Retry("the monitor is busy".into())
+                    } else {
+                        ThawAttempt::Released(vec!["delete the NBD export `sp-exp-disk0`".into()])
+                    }
+                }
+            },
+            |_| panic!("a dead holder is not stopped"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            outcome,
+            GuardianOutcome::CaptureReleased {
+                reason: ThawReason::CaptureHolderDied,
+                steps: vec!["delete the NBD export `sp-exp-disk0`".into()]
+            }
+        );
+        assert_eq!(attempts, 2);
+        assert!(!path.exists(), "the lease is removed after the release");
     }
 
     #[test]
@@ -455,6 +601,7 @@ mod tests {
         assert!(path.ends_with("leases/qemu%3Ademo%20vm.json"), "{path:?}");
         assert_ne!(path, lease_path(dir.path(), "qemu:demo_vm"));
         assert!(pause_lease_path(dir.path(), "demo").ends_with("leases/demo.pause.json"));
+        assert!(capture_lease_path(dir.path(), "demo").ends_with("leases/demo.capture.json"));
         assert_eq!(read_lease(&path).unwrap(), None);
         write_lease(&path, &lease()).unwrap();
         assert_eq!(read_lease(&path).unwrap(), Some(lease()));

@@ -362,6 +362,23 @@ pub trait Capture: Send + Sync {
     async fn prepare(&self, request: CaptureRequest) -> Result<Box<dyn PreparedCapture>>;
 }
 
+/// Releasing the capture of a backup that died: what a guardian (a process that outlives
+/// the backup) calls once the backup holding a capture is gone, so that the capture's filters,
+/// exports and scratch data — which grows with every guest write for as long as the capture
+/// lives — do not wait for the next backup of the VM.
+///
+/// The release is the recovery the next `prepare` runs anyway (it finds the same leftovers and
+/// settles the dirty bitmaps as a failed capture's `finish(false)` does: the new bitmap merged
+/// into the parent, which records again), so whichever runs first, no change is lost and the
+/// other finds nothing to do.
+#[async_trait]
+pub trait DeadCaptureRelease: Send + Sync {
+    /// Takes apart every capture the hypervisor still carries for the VM and settles its
+    /// bitmaps. Call it only once the process that held the capture is gone: it releases any
+    /// capture it finds. Returns what it did, one sentence a step (empty: nothing was left).
+    async fn release_dead_capture(&self) -> Result<Vec<String>>;
+}
+
 /// A capture set up and ready to start.
 #[async_trait]
 pub trait PreparedCapture: Send {

@@ -157,6 +157,9 @@ pub trait Vm: Send + Sync {
     /// between); a VM the user paused is left alone. Returns whether it resumed the VM. The
     /// guardian uses it.
     async fn resume_if_paused(&self) -> Result<bool>;
+    /// How to release the capture of a backup that died, when the platform keeps anything of
+    /// a capture beyond its process (the capture guardian uses it).
+    fn dead_capture_release(&self) -> Option<Arc<dyn crate::capture::DeadCaptureRelease>>;
 }
 
 #[cfg(test)]

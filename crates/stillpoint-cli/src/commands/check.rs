@@ -8,6 +8,7 @@ use clap::Args;
 use stillpoint_engine::backup::RecipeInput;
 use stillpoint_engine::consistency::{self, AgentFacts, Assessment, RecipeFacts};
 use stillpoint_engine::preflight::{self, PreflightReport};
+use stillpoint_platform::RunState;
 
 use crate::context::Context;
 use crate::output::{self, EXIT_OK};
@@ -15,7 +16,8 @@ use crate::output::{self, EXIT_OK};
 #[derive(Debug, Args)]
 #[command(
     after_help = "Exit codes: 0 the check ran (the achievable level is in the output); 1 the VM \
-    could not be looked at (unknown VM, monitor not answering)."
+    could not be looked at (unknown VM, not running — e.g. its monitor socket does not exist —, \
+    monitor not answering)."
 )]
 pub struct CheckArgs {
     /// The VM (NAME or PLATFORM:NAME).
@@ -35,6 +37,15 @@ pub async fn run(ctx: &Context, args: CheckArgs) -> anyhow::Result<ExitCode> {
     let report = preflight::gather(vm.as_ref(), recipe)
         .await
         .with_context(|| format!("cannot check VM `{}`", args.vm))?;
+    // A VM that does not run cannot be backed up at any level (`backup` fails on it): saying
+    // that crash consistency is reachable would be a lie.
+    if report.facts.run_state == RunState::NotRunning {
+        anyhow::bail!(
+            "cannot check VM `{}`: it is not running ({}); nothing can be captured",
+            args.vm,
+            report.status_detail
+        );
+    }
     let assessment = consistency::assess(&report.facts);
     if ctx.global.json {
         output::print_json(&serde_json::json!({

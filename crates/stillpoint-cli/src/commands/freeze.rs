@@ -177,9 +177,16 @@ pub async fn run_guardian(_ctx: &Context, args: GuardianArgs) -> anyhow::Result<
     // Nobody reads our stdout after this line; make later writes harmless.
     redirect_stdout_to_null();
     eprintln!(
-        "{} guardian {} watches VM {} (holder pid {}, deadline {:?})",
+        "{} guardian {} watches {} of VM {} (holder pid {}, deadline {:?})",
         timestamp(),
         std::process::id(),
+        if lease.release_capture {
+            "the capture"
+        } else if lease.thaw {
+            "the freeze"
+        } else {
+            "the pause"
+        },
         lease.vm,
         lease.holder_pid,
         lease.deadline_ms
@@ -199,7 +206,19 @@ pub async fn run_guardian(_ctx: &Context, args: GuardianArgs) -> anyhow::Result<
             )
         }
         Ok(GuardianOutcome::NothingToThaw { reason, detail }) => {
-            eprintln!("{} {reason}, but nothing to thaw: {detail}", timestamp())
+            eprintln!("{} {reason}, but nothing to do: {detail}", timestamp())
+        }
+        Ok(GuardianOutcome::CaptureReleased { reason, steps }) => {
+            eprintln!(
+                "{} released the capture of VM {}: {reason}; {} step(s){}",
+                timestamp(),
+                lease.vm,
+                steps.len(),
+                steps
+                    .iter()
+                    .map(|step| format!("\n  {step}"))
+                    .collect::<String>()
+            )
         }
         Err(error) => {
             eprintln!("{} {error:#}", timestamp());

@@ -207,6 +207,12 @@ impl Vm for QemuVm {
         )))
     }
 
+    fn dead_capture_release(&self) -> Option<Arc<dyn crate::capture::DeadCaptureRelease>> {
+        Some(Arc::new(crate::qemu::capture::QemuCapture::for_spec(
+            &self.spec,
+        )))
+    }
+
     async fn disk_identities(&self) -> Result<Vec<DiskIdentity>> {
         let qmp = self.monitor().await?;
         let monitor_error = |what: &str, error: stillpoint_qmp::Error| {

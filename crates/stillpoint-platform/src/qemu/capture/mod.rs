@@ -44,6 +44,11 @@
 //! once the capturing process is gone) resumes the VM only in that case; the next `prepare`
 //! does the same as part of its recovery.
 //!
+//! A stillpoint that dies at any point of a capture leaves the rest (filters, exports, the
+//! scratch file that grows with every guest write): the engine's capture guardian, once the
+//! backup process is gone, calls [`DeadCaptureRelease`] (implemented by [`QemuCapture`] with
+//! the same recovery `prepare` runs), so they go at once rather than with the next backup.
+//!
 //! # One capture at a time
 //! QEMU's QMP socket serves one client, so while a [`QemuCapture`] holds the monitor nobody
 //! else can talk to it (`QemuVm::status` waits, then fails). Captures made from one
@@ -68,8 +73,8 @@ use tokio::sync::{Mutex, OnceCell};
 use tracing::{info, warn};
 
 use crate::capture::{
-    Capture, CaptureInventory, CapturePlan, CaptureRequest, PlannedDisk, PreparedCapture,
-    bitmap_name, decide_mode, new_capture_id, unusable_bitmaps,
+    Capture, CaptureInventory, CapturePlan, CaptureRequest, DeadCaptureRelease, PlannedDisk,
+    PreparedCapture, bitmap_name, decide_mode, new_capture_id, unusable_bitmaps,
 };
 use crate::error::{PlatformError, PlatformErrorKind, Result};
 use crate::qemu::{QemuVm, QemuVmSpec};
@@ -414,6 +419,23 @@ impl Capture for QemuCapture {
             return Err(error);
         }
         Ok(Box::new(QemuPrepared::new(Session::new(ctx, plan, socket))))
+    }
+}
+
+/// The release is [`QemuCapture::recover`], the recovery every `prepare` starts with: the
+/// steps of [`plan_cleanup`] with [`Scope::Recovery`] (resume a VM the capture paused, delete
+/// the exports, the NBD server, the `snapshot-access` nodes, give the devices their disk nodes
+/// back, delete the filters, scratch nodes and scratch files, reconcile the bitmaps).
+///
+/// It is safe to release "every capture found" because QEMU's monitor serves one client at a
+/// time and a live capture holds it from `prepare` to `finish`: while this holds the monitor,
+/// no capture of a living process can exist. Whatever it finds belongs to a process that is
+/// gone.
+#[async_trait]
+impl DeadCaptureRelease for QemuCapture {
+    async fn release_dead_capture(&self) -> Result<Vec<String>> {
+        let _lock = self.lock.clone().lock_owned().await;
+        self.recover().await
     }
 }
 
