@@ -1,5 +1,6 @@
 //! What every room needs from the host OS: child processes without secrets, process liveness,
-//! the runtime directory, names that become file names, atomic file writes.
+//! the runtime directory, names that become file names, atomic file writes — and one way to
+//! write an error with its causes.
 //!
 //! Design note. These helpers used to be copied from crate to crate, and the copies drifted
 //! (two zombie semantics for "is this process alive", two runtime-root rules, seven file-name
@@ -21,7 +22,10 @@
 //! - [`names`]: the one check of names that become paths or snapshot names, and an injective
 //!   escaping of arbitrary strings into file names.
 //! - [`fs`]: atomic file writes (temporary file + rename), so readers never see half a file.
+//! - [`error_chain`]: an error and its causes on one line, for notes, reports and logs (four
+//!   crates had their own copy).
 
+mod chain;
 pub mod child;
 pub mod error;
 pub mod fs;
@@ -30,4 +34,5 @@ pub mod process;
 pub mod runtime;
 pub mod secrets;
 
+pub use chain::error_chain;
 pub use error::{Error, Result};

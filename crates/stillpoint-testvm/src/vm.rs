@@ -758,7 +758,7 @@ pub fn list_vms(root: &Path) -> Result<Vec<ListedVm>> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let (record, problem) = match VmRecord::read(&dir) {
             Ok(record) => (Some(record), None),
-            Err(error) => (None, Some(error_chain(&error))),
+            Err(error) => (None, Some(stillpoint_os::error_chain(&error))),
         };
         let running = record
             .as_ref()
@@ -773,17 +773,6 @@ pub fn list_vms(root: &Path) -> Result<Vec<ListedVm>> {
     }
     listed.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(listed)
-}
-
-fn error_chain(error: &Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// How [`stop_vm`] ended a VM.
@@ -813,7 +802,7 @@ pub async fn stop_vm(root: &Path, name: &str) -> Result<StopOutcome> {
     let outcome = match VmRecord::read(&dir) {
         Ok(record) => stop_process(&record).await,
         Err(error) => {
-            tracing::warn!(vm = name, error = %error_chain(&error), "no usable vm.json; removing the directory");
+            tracing::warn!(vm = name, error = %stillpoint_os::error_chain(&error), "no usable vm.json; removing the directory");
             StopOutcome::WasNotRunning
         }
     };

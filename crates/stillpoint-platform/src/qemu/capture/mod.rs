@@ -414,7 +414,7 @@ impl Capture for QemuCapture {
             let session = Session::new(ctx, plan, socket);
             let prepared = QemuPrepared::new(session);
             if let Err(cleanup) = Box::new(prepared).abort().await {
-                warn!(error = %error_chain(&cleanup), "cleaning up a failed prepare");
+                warn!(error = %stillpoint_os::error_chain(&cleanup), "cleaning up a failed prepare");
             }
             return Err(error);
         }
@@ -480,16 +480,4 @@ async fn connect_monitor(vm: &str, socket: &Path, timeout: Duration) -> Result<Q
             )
             .with_source(e)
         })
-}
-
-/// An error and its causes on one line.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -252,7 +252,7 @@ async fn roll_back(session: Session, progress: Progress) -> Vec<String> {
     };
     match session.release(settle).await {
         Ok(report) => problems.extend(report.warnings),
-        Err(error) => problems.push(super::error_chain(&error)),
+        Err(error) => problems.push(stillpoint_os::error_chain(&error)),
     }
     problems
 }
