@@ -2,7 +2,7 @@
 //!
 //! [`plan_cleanup`] is a pure function of QEMU's [`BlockState`]: it finds everything a
 //! capture adds (by the names of [`names`]) and returns the steps that remove it, in the one
-//! order QEMU accepts (reference §5, "standalone cbw order"):
+//! order QEMU accepts (docs/capture.md, "Taking it apart"):
 //!
 //! 1. resume the VM, if a capture paused it (recovery only; first, to end the pause soonest)
 //! 2. delete the exports (`mode: hard`, then wait for `BLOCK_EXPORT_DELETED`) — a filter is

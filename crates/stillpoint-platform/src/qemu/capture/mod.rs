@@ -2,7 +2,8 @@
 //! standalone `copy-before-write` filter and `snapshot-access`, read over QEMU's NBD server.
 //!
 //! # Why this variant
-//! QEMU 7.2 offers three ways to get a point-in-time view (reference §1). The backup job's
+//! QEMU 7.2 offers three ways to get a point-in-time view (docs/capture.md, "What QEMU
+//! 7.2 does"). The backup job's
 //! built-in filter — a classic fleecing overlay or `blockdev-backup` with `filter-node-name` —
 //! pauses the VM when the scratch image cannot be written (ENOSPC → `io-error`). The
 //! standalone filter with `on-cbw-error: break-snapshot` and a `cbw-timeout` gives up on the
@@ -289,8 +290,8 @@ impl QemuCapture {
     }
 }
 
-/// `qemu-img create -f qcow2` of `size` bytes, no backing file (reference §1: the scratch
-/// target of the standalone filter must not have one).
+/// `qemu-img create -f qcow2` of `size` bytes, no backing file (the standalone filter writes
+/// the old data into it; docs/capture.md, "Three ways to a point-in-time view").
 async fn create_scratch(path: &Path, size: u64) -> std::io::Result<()> {
     let output = tokio::process::Command::from(stillpoint_os::child::command("qemu-img"))
         .args(["create", "-q", "-f", "qcow2"])

@@ -305,7 +305,7 @@ impl Starting {
 
         // One transaction for all disks: the new bitmaps start recording and the parents stop,
         // at the same instant. It comes before the filters are attached: a write between the
-        // two is then in the new bitmap (reference §1, the ordering trap).
+        // two is then in the new bitmap (docs/capture.md, "The ordering trap").
         let actions = rotation(&session.plan.disks);
         qmp.transaction(actions).await.map_err(|e| {
             ctx.qmp_error(
@@ -492,7 +492,7 @@ impl QemuStarted {
                 .name(disk.disk.id.clone());
             if let CaptureMode::Incremental { parent_bitmap } = &disk.mode {
                 // The `{node, name}` form: the bitmap lives on the disk node, not on the
-                // snapshot-access node that is exported (reference §1, errors seen).
+                // snapshot-access node that is exported (docs/capture.md, "Exports and bitmaps").
                 export = export.bitmaps(vec![BitmapRef::on(node.clone(), parent_bitmap.clone())]);
                 contexts.push(bitmap_context(parent_bitmap));
             }

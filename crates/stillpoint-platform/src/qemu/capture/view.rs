@@ -11,7 +11,7 @@ use crate::capture::{ByteRange, CaptureMode, CapturedDisk};
 use crate::error::{PlatformError, PlatformErrorKind, Result};
 
 /// NBD error numbers a `snapshot-access` read fails with once copy-before-write broke the
-/// snapshot (`on-cbw-error: break-snapshot`): EINVAL (seen on QEMU 7.2, reference §5) and EIO.
+/// snapshot (`on-cbw-error: break-snapshot`): EINVAL (seen on QEMU 7.2: docs/capture.md, "What QEMU 7.2 does") and EIO.
 const BROKEN_SNAPSHOT_ERRNOS: [u32; 2] = [22, 5];
 
 /// The NBD metadata context of a dirty bitmap.
