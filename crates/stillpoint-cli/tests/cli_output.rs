@@ -1,8 +1,11 @@
 //! The binary as a careless user meets it, no VM needed: `check` of a VM whose monitor socket
 //! does not exist, and output written to a pipe (a log file, a CI job) carrying no colour codes.
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+use support::{stillpoint_command, text};
 
 /// A directory with a `stillpoint.toml` naming VM `ghost` by a monitor socket that does not
 /// exist, and a recipe that validates with one warning (a log line on stderr).
@@ -26,27 +29,14 @@ fn ghost_dir() -> (tempfile::TempDir, String) {
 
 /// Runs the binary in `dir`, stdout and stderr both pipes.
 fn stillpoint(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+    // Colour must stay off because the output is a pipe, not because of NO_COLOR (which
+    // `stillpoint_command` removes).
+    stillpoint_command()
         .args(args)
         .current_dir(dir)
         .env("STILLPOINT_RUNTIME_DIR", dir.join("run"))
-        .env_remove("STILLPOINT_CONFIG")
-        .env_remove("STILLPOINT_REPO")
-        .env_remove("RUST_LOG")
-        // Colour must stay off because the output is a pipe, not because of NO_COLOR.
-        .env_remove("NO_COLOR")
-        .env_remove("CLICOLOR_FORCE")
         .output()
         .expect("the stillpoint binary runs")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 #[test]

@@ -4,32 +4,24 @@
 //! directory is created private (0700) and refused when someone else owns it or others may
 //! write it.
 
+mod support;
+
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+use support::{stillpoint_command, text};
 
 const PASS: &str = "names test passphrase";
 
 fn stillpoint(dir: &Path, runtime: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+    stillpoint_command()
         .args(["--repo", "repo"])
         .args(args)
         .env("STILLPOINT_RUNTIME_DIR", runtime)
         .env("STILLPOINT_PASSWORD", PASS)
-        .env_remove("STILLPOINT_CONFIG")
-        .env_remove("STILLPOINT_REPO")
         .current_dir(dir)
         .output()
         .expect("run stillpoint")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// Every command that takes a VM refuses `../`-names; a `vm.json` planted where the name would

@@ -4,35 +4,25 @@
 //! output of the structures that hold it would show. The child processes' environments are
 //! read in `vm_secrets.rs` (they need a VM).
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+use support::{stillpoint_command, text};
 
 const PASS: &str = "secrets-cli-canary-passphrase";
 
 fn stillpoint(dir: &Path, args: &[&str], env_pass: Option<&str>) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_stillpoint"));
+    let mut command = stillpoint_command();
     command
         .args(["--repo", "repo"])
         .args(args)
         .env("STILLPOINT_RUNTIME_DIR", dir.join("run"))
-        .env_remove("STILLPOINT_PASSWORD")
-        .env_remove("STILLPOINT_CONFIG")
-        .env_remove("STILLPOINT_REPO")
-        .env_remove("RUST_LOG")
         .current_dir(dir);
     if let Some(pass) = env_pass {
         command.env("STILLPOINT_PASSWORD", pass);
     }
     command.output().expect("run stillpoint")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 #[test]

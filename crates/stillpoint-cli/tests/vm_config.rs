@@ -3,30 +3,21 @@
 //! (its QEMU found through the monitor socket's peer).
 #![cfg(feature = "vm-tests")]
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use stillpoint_testvm::{LaunchedVm, VmConfig};
+use support::{stillpoint_command, text};
 
 fn stillpoint(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+    stillpoint_command()
         .args(args)
         .current_dir(dir)
         .env("STILLPOINT_PASSWORD", "config-test")
-        .env_remove("STILLPOINT_RUNTIME_DIR")
-        .env_remove("STILLPOINT_CONFIG")
-        .env_remove("STILLPOINT_REPO")
         .output()
         .expect("the stillpoint binary runs")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -11,9 +11,12 @@
 //! `/usr/bin/qemu-img` (the shim only records; the real tool does the work).
 #![cfg(feature = "vm-tests")]
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use support::{stillpoint_command, text};
 use tempfile::TempDir;
 
 const SECRETS: &[(&str, &str)] = &[
@@ -66,13 +69,11 @@ impl Sandbox {
             self.path("shims").display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let mut command = Command::new(env!("CARGO_BIN_EXE_stillpoint"));
+        let mut command = stillpoint_command();
         command
             .args(["--repo", "repo"])
             .args(args)
             .env("STILLPOINT_RUNTIME_DIR", self.path("run"))
-            .env_remove("STILLPOINT_CONFIG")
-            .env_remove("STILLPOINT_REPO")
             .env("PATH", path)
             .env(ORDINARY.0, ORDINARY.1)
             .current_dir(self.dir.path());
@@ -105,15 +106,6 @@ impl Drop for Sandbox {
                 .status();
         }
     }
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// `NAME=VALUE` lines of an environment (NUL- or newline-separated).
