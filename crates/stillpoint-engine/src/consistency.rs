@@ -412,6 +412,58 @@ pub fn plan_quiesce(
     })
 }
 
+/// What the policy makes of a step that fell short of the requested level at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shortfall {
+    /// `--on-quiesce-failure fail`: stop; nothing is published. The message names the VM,
+    /// the level and why.
+    Refuse(String),
+    /// `degrade`: go on at `to`, saying why.
+    Degrade {
+        to: Level,
+        indication: Indication,
+        why: String,
+    },
+}
+
+/// The one rule for every step that cannot reach the requested level once the backup runs:
+/// the freeze's coverage of the captured disks, a freeze that fails, the recipe's steps
+/// before the capture. `fail` refuses; `degrade` goes on at `to`.
+pub fn decide_shortfall(
+    vm: &str,
+    requested: Level,
+    policy: OnQuiesceFailure,
+    to: Level,
+    indication: Indication,
+    why: String,
+) -> Shortfall {
+    match policy {
+        OnQuiesceFailure::Fail => Shortfall::Refuse(format!(
+            "VM `{vm}`: {requested} consistency cannot be reached ({why}) and --on-quiesce-failure is fail; nothing was backed up"
+        )),
+        OnQuiesceFailure::Degrade => Shortfall::Degrade {
+            to,
+            indication,
+            why,
+        },
+    }
+}
+
+/// The indication of a freeze that failed, from the error's typed cause: a guest agent call
+/// that timed out anywhere in its chain is `QuiesceTimeout`, anything else `QuiesceFailed`.
+pub fn quiesce_failure_indication(error: &(dyn std::error::Error + 'static)) -> Indication {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if let Some(agent) = current.downcast_ref::<stillpoint_qga::Error>()
+            && matches!(agent.kind(), stillpoint_qga::ErrorKind::Timeout { .. })
+        {
+            return Indication::QuiesceTimeout;
+        }
+        cause = current.source();
+    }
+    Indication::QuiesceFailed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,6 +643,69 @@ mod tests {
             "fs".parse::<Level>()
                 .unwrap_err()
                 .contains("unknown consistency level")
+        );
+    }
+
+    #[test]
+    fn a_shortfall_is_refused_under_fail_and_degraded_under_degrade() {
+        let refused = decide_shortfall(
+            "web",
+            Level::Filesystem,
+            OnQuiesceFailure::Fail,
+            Level::Crash,
+            Indication::QuiesceFailed,
+            "the freeze failed".into(),
+        );
+        assert_eq!(
+            refused,
+            Shortfall::Refuse(
+                "VM `web`: filesystem consistency cannot be reached (the freeze failed) and \
+                 --on-quiesce-failure is fail; nothing was backed up"
+                    .into()
+            )
+        );
+        let degraded = decide_shortfall(
+            "web",
+            Level::Application,
+            OnQuiesceFailure::Degrade,
+            Level::Filesystem,
+            Indication::ApplicationStepFailed,
+            "a check failed".into(),
+        );
+        assert_eq!(
+            degraded,
+            Shortfall::Degrade {
+                to: Level::Filesystem,
+                indication: Indication::ApplicationStepFailed,
+                why: "a check failed".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_freeze_failure_is_a_timeout_only_when_an_agent_call_timed_out_in_its_chain() {
+        use crate::error::{EngineError, EngineErrorKind};
+        let timed_out = stillpoint_qga::Error::new(stillpoint_qga::ErrorKind::Timeout {
+            after: std::time::Duration::from_secs(5),
+        });
+        // Wrapped once more, and worded without "did not complete within": the kind decides.
+        let error = EngineError::new(EngineErrorKind::Agent, "the freeze failed").with_source(
+            EngineError::new(EngineErrorKind::Agent, "VM `web`: no answer").with_source(timed_out),
+        );
+        assert_eq!(
+            quiesce_failure_indication(&error),
+            Indication::QuiesceTimeout
+        );
+        let refused = EngineError::new(
+            EngineErrorKind::Agent,
+            "the freeze did not complete within 5 s (text alone is not a timeout)",
+        )
+        .with_source(stillpoint_qga::Error::new(
+            stillpoint_qga::ErrorKind::Closed,
+        ));
+        assert_eq!(
+            quiesce_failure_indication(&refused),
+            Indication::QuiesceFailed
         );
     }
 }
