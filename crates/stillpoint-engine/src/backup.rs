@@ -550,7 +550,14 @@ impl Run {
         let recipe_facts = job.recipe.as_ref().map(|recipe| recipe.facts());
         let facts = self
             .log
-            .run("preflight", preflight::gather(vm.as_ref(), recipe_facts))
+            .run(
+                "preflight",
+                preflight::gather_with_leases(
+                    vm.as_ref(),
+                    recipe_facts,
+                    Some(&env.guard.runtime_root),
+                ),
+            )
             .await
             .map_err(platform)?;
         self.running = facts.facts.run_state == RunState::Running;

@@ -803,3 +803,59 @@ async fn a_full_read_asked_for_names_the_parent_it_did_not_use() {
         "names the unused parent: {reason}"
     );
 }
+
+#[tokio::test]
+async fn a_guest_frozen_by_someone_else_is_reported_frozen_not_blocked() {
+    let world = World::new();
+    world.frozen.store(true, Ordering::SeqCst);
+    let bench = Bench::new(world);
+    let degraded = bench
+        .backup(Level::Filesystem, OnQuiesceFailure::Degrade)
+        .await;
+    assert!(degraded.error.is_none(), "{:?}", degraded.error);
+    assert_eq!(degraded.report.achieved, Level::Crash);
+    let why = degraded.report.degraded_because.join("; ");
+    assert!(
+        why.contains("the guest is frozen already (not by stillpoint"),
+        "{why}"
+    );
+    assert!(!why.contains("block-rpcs"), "{why}");
+    assert_eq!(
+        bench.world.position("thaw"),
+        None,
+        "someone else's freeze is left alone"
+    );
+
+    // Under a stillpoint freeze lease: by whom and for how long.
+    let runtime = bench.dir.path().join("run");
+    let lease_path = stillpoint_engine::guardian::lease_path(&runtime, "fake");
+    std::fs::create_dir_all(lease_path.parent().unwrap()).unwrap();
+    let now = stillpoint_engine::guardian::now_ms();
+    stillpoint_engine::guardian::write_lease(
+        &lease_path,
+        &stillpoint_engine::guardian::Lease {
+            vm: "fake".into(),
+            config: None,
+            runtime_root: runtime.clone(),
+            token: "test".into(),
+            holder_pid: 4242,
+            watch_holder: false,
+            frozen_at_ms: now - 30_000,
+            deadline_ms: None,
+            thaw_now: false,
+            guardian_pid: None,
+            thaw: true,
+            resume_if_paused: false,
+        },
+    )
+    .unwrap();
+    let degraded = bench
+        .backup(Level::Filesystem, OnQuiesceFailure::Degrade)
+        .await;
+    let why = degraded.report.degraded_because.join("; ");
+    assert!(
+        why.contains("by a stillpoint freeze (pid 4242) 30 s ago")
+            && why.contains("until `stillpoint unfreeze`"),
+        "{why}"
+    );
+}
