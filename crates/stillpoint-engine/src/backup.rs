@@ -20,6 +20,15 @@
 //!   stay in the repository for the next backup to reuse.
 //! - The manifest is published before the capture's bitmaps are settled as a success, so a
 //!   failure between the two never loses a change: at worst the next backup reads more.
+//! - The recipe's capture step is dropped at its timeout (the executor's): the freeze and
+//!   pause guards thaw and remove their leases on drop, the platform resumes the VM and
+//!   releases the capture, and the backup fails saying the step did not finish.
+//!
+//! Where the flow decides, the decision is a pure function tested without a VM:
+//! [`consistency::decide_shortfall`] (degrade or refuse), [`consistency::quiesce_failure_indication`]
+//! (a freeze timeout by its typed cause), [`full_read_reason`], [`recipe_capture_timeout`].
+//! The flow itself is tested over fakes of the platform in `tests/backup_flow.rs`, on both
+//! runtime flavours (the copy runs on `spawn_blocking`, never `block_in_place`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
