@@ -752,7 +752,7 @@ impl Run {
     ) -> Result<WorkflowPlan> {
         let options = PlanOptions {
             freeze,
-            capture_timeout: recipe_capture_timeout(env.hold_limit),
+            capture_timeout: recipe_capture_timeout(env.freeze_timeout, env.hold_limit),
             ..PlanOptions::default()
         };
         stillpoint_recipe::plan_workflow(&recipe.recipe, "backup", &options).map_err(|error| {
@@ -1337,11 +1337,18 @@ pub fn full_read_reason(
     })
 }
 
-/// How long a recipe's capture step (guarded freeze → capture start → thaw) may take: the
-/// plan's default, but never beyond the freeze's hold limit, past which the guardian stops
-/// this process — the executor gives up first, and the step's guards thaw.
-pub fn recipe_capture_timeout(hold_limit: Duration) -> Duration {
-    stillpoint_recipe::plan::DEFAULT_CAPTURE_TIMEOUT.min(hold_limit)
+/// How long a recipe's capture step (sync → guarded freeze → capture start → thaw) may take
+/// before the executor drops it. Two bounds meet here:
+/// - below the guardian's deadline (freeze timeout + hold limit from the lease, written after
+///   the step began), so the executor gives up — and the step's guards thaw — before the
+///   guardian would stop this process;
+/// - beyond the freeze call's own timeout with room for the guest's `sync` and the guardian's
+///   start, so a freeze that hangs ends as a freeze timeout (`QuiesceTimeout`, the thaw handed
+///   to the guardian) rather than being dropped mid-call.
+///
+/// Half the hold limit past the freeze timeout sits between them; the plan's default caps it.
+pub fn recipe_capture_timeout(freeze_timeout: Duration, hold_limit: Duration) -> Duration {
+    stillpoint_recipe::plan::DEFAULT_CAPTURE_TIMEOUT.min(freeze_timeout + hold_limit / 2)
 }
 
 /// What the workflow report says about its capture step (why it did not finish).
@@ -1427,13 +1434,17 @@ mod tests {
     }
 
     #[test]
-    fn the_recipe_capture_timeout_never_outlasts_the_hold_limit() {
+    fn the_recipe_capture_timeout_outlasts_the_freeze_call_and_ends_before_the_guardian() {
+        let (freeze, hold) = (Duration::from_secs(60), Duration::from_secs(60));
+        let timeout = recipe_capture_timeout(freeze, hold);
+        assert_eq!(timeout, Duration::from_secs(90));
+        assert!(timeout > freeze && timeout < freeze + hold);
         assert_eq!(
-            recipe_capture_timeout(Duration::from_secs(5)),
-            Duration::from_secs(5)
+            recipe_capture_timeout(Duration::from_secs(10), Duration::from_secs(40)),
+            Duration::from_secs(30)
         );
         assert_eq!(
-            recipe_capture_timeout(Duration::from_secs(3600)),
+            recipe_capture_timeout(Duration::from_secs(600), Duration::from_secs(600)),
             stillpoint_recipe::plan::DEFAULT_CAPTURE_TIMEOUT
         );
     }

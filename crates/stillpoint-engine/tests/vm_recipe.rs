@@ -929,13 +929,16 @@ async fn a_recipe_capture_step_that_times_out_thaws_publishes_nothing_and_the_ne
         path: recipe_path,
         recipe: valid.recipe,
     });
-    let hold_limit = Duration::from_secs(20);
+    // Capture step timeout: 10 s + 40 s / 2 = 30 s; the guardian's deadline: 50 s after its
+    // lease. The fail point holds the frozen window 35 s: past the one, well before the other.
+    let freeze_timeout = Duration::from_secs(10);
+    let hold_limit = Duration::from_secs(40);
     let env = BackupEnv {
         platforms: Platforms::new(QemuInventory::new(Vec::new(), guest.runtime_root.clone())),
         repo: repo.clone(),
         guard: guest.guard(),
         scratch_root: dir.path().join("scratch"),
-        freeze_timeout: Duration::from_secs(30),
+        freeze_timeout,
         hold_limit,
         progress: Arc::new(NoProgress),
     };
@@ -948,7 +951,7 @@ async fn a_recipe_capture_step_that_times_out_thaws_publishes_nothing_and_the_ne
     };
     // Held inside the frozen window longer than the capture step may take; the guardian's
     // deadline (freeze timeout + hold limit) is further still, so the executor gives up first.
-    let timeout = recipe_capture_timeout(hold_limit);
+    let timeout = recipe_capture_timeout(freeze_timeout, hold_limit);
     fail::cfg(
         stillpoint_engine::failpoints::CAPTURE_START,
         &format!(
