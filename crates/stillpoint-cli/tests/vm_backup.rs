@@ -17,6 +17,7 @@ use backup_support::{
     sha256_bytes, snapshot_of, text, u64_of,
 };
 use serde_json::Value;
+use stillpoint_qga::FreezeStatus;
 use stillpoint_testvm::{
     DiskSpec, LOCKSTEP_MARK, LockstepLayout, RECORD_MARK, Restart, VmConfig, newest_lockstep_block,
     scan_records,
@@ -586,4 +587,98 @@ async fn repeated_full_backups_leave_one_dirty_bitmap_per_disk() {
         vd0.bitmaps[0].name, tracking,
         "the one left is the one the manifest records"
     );
+}
+
+/// The reasons the report or `check` gives for the filesystem level, joined.
+fn filesystem_reasons(check: &Value) -> String {
+    check["levels"]
+        .as_array()
+        .and_then(|levels| levels.iter().find(|l| l["level"] == "filesystem"))
+        .and_then(|level| level["reasons"].as_array())
+        .map(|reasons| {
+            reasons
+                .iter()
+                .filter_map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default()
+}
+
+/// A guest frozen already (issue 8, item 5) is reported as frozen — by a stillpoint freeze
+/// (its pid, for how long, when its guardian thaws it) or not by stillpoint — and never as
+/// "guest-fsfreeze-freeze disabled (--block-rpcs)", which is what the agent's command list
+/// alone suggests (qemu-ga disables the freeze while frozen). The backup degrades to crash and
+/// leaves the freeze to whoever made it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_frozen_already_is_reported_frozen_and_by_whom_not_as_blocked() {
+    let bench = Bench::boot(VmConfig::new("bk-frozen").with_disks(1, 64 * MIB)).await;
+    let name = bench.name().to_string();
+
+    // Frozen by `stillpoint freeze`, with a guardian that thaws after 300 s.
+    let frozen = bench.run(&["freeze", "--name", &name, "--unfreezeTimeoutSeconds", "300"]);
+    assert!(frozen.status.success(), "freeze: {}", text(&frozen));
+    assert_eq!(bench.freeze_status().await, Some(FreezeStatus::Frozen));
+    let output = bench.run(&["check", &name, "--json"]);
+    assert!(output.status.success(), "check: {}", text(&output));
+    let check: Value = serde_json::from_slice(&output.stdout).expect("check JSON");
+    let reasons = filesystem_reasons(&check);
+    eprintln!("check, frozen by stillpoint: {reasons}");
+    assert!(
+        reasons.contains("the guest is frozen already (by a stillpoint freeze (pid ")
+            && reasons.contains("thaws it in"),
+        "{reasons}"
+    );
+    assert!(!reasons.contains("block-rpcs"), "{reasons}");
+
+    let (code, report, output) = bench.backup(&[]);
+    assert_eq!(code, Some(3), "degraded: {}", text(&output));
+    assert_eq!(report["achieved"], "crash", "{report:#}");
+    let why = report["degraded_because"].to_string();
+    assert!(
+        why.contains("frozen already (by a stillpoint freeze"),
+        "{why}"
+    );
+    assert!(!why.contains("block-rpcs"), "{why}");
+    assert!(
+        report["freeze"].is_null(),
+        "the backup made no freeze of its own"
+    );
+    assert_eq!(
+        bench.freeze_status().await,
+        Some(FreezeStatus::Frozen),
+        "someone else's freeze is left to them"
+    );
+    let thawed = bench.run(&["unfreeze", "--name", &name]);
+    assert!(thawed.status.success(), "unfreeze: {}", text(&thawed));
+    assert!(bench.wait_thawed().await);
+
+    // Frozen through the agent directly: not by stillpoint.
+    {
+        let socket = bench.vm.qga_socket().expect("an agent socket");
+        let mut agent = stillpoint_qga::connect_unix(socket, Duration::from_secs(5))
+            .await
+            .expect("the agent answers");
+        agent.fsfreeze_freeze().await.expect("the guest freezes");
+    }
+    let output = bench.run(&["check", &name, "--json"]);
+    let check: Value = serde_json::from_slice(&output.stdout).expect("check JSON");
+    let reasons = filesystem_reasons(&check);
+    eprintln!("check, frozen by the agent directly: {reasons}");
+    assert!(
+        reasons.contains("the guest is frozen already (not by stillpoint"),
+        "{reasons}"
+    );
+    let (code, report, output) = bench.backup(&[]);
+    assert_eq!(code, Some(3), "degraded: {}", text(&output));
+    let why = report["degraded_because"].to_string();
+    assert!(why.contains("not by stillpoint"), "{why}");
+    {
+        let socket = bench.vm.qga_socket().expect("an agent socket");
+        let mut agent = stillpoint_qga::connect_unix(socket, Duration::from_secs(5))
+            .await
+            .expect("the agent answers");
+        agent.fsfreeze_thaw().await.expect("the guest thaws");
+    }
+    assert!(bench.wait_thawed().await);
 }

@@ -20,6 +20,15 @@
 //!   stay in the repository for the next backup to reuse.
 //! - The manifest is published before the capture's bitmaps are settled as a success, so a
 //!   failure between the two never loses a change: at worst the next backup reads more.
+//! - The recipe's capture step is dropped at its timeout (the executor's): the freeze and
+//!   pause guards thaw and remove their leases on drop, the platform resumes the VM and
+//!   releases the capture, and the backup fails saying the step did not finish.
+//!
+//! Where the flow decides, the decision is a pure function tested without a VM:
+//! [`consistency::decide_shortfall`] (degrade or refuse), [`consistency::quiesce_failure_indication`]
+//! (a freeze timeout by its typed cause), [`full_read_reason`], [`recipe_capture_timeout`].
+//! The flow itself is tested over fakes of the platform in `tests/backup_flow.rs`, on both
+//! runtime flavours (the copy runs on `spawn_blocking`, never `block_in_place`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use stillpoint_platform::capture::{
-    CaptureMode, CaptureRequest, CapturedDisk, PreparedCapture, StartedCapture,
+    CaptureMode, CaptureRequest, CapturedDisk, FullReason, PreparedCapture, StartedCapture,
 };
 use stillpoint_platform::{DiskIdentity, Platforms, RunState, Vm};
 use stillpoint_qga::{ExecRequest, FsInfo};
@@ -35,11 +44,11 @@ use stillpoint_recipe::model::{HookType, Recipe, Target};
 use stillpoint_recipe::{
     CaptureOutcome, ExecOptions, Executor, FreezeTrace, PlanOptions, PlannedStep, WorkflowPlan,
 };
-use stillpoint_repo::{BackupOptions, DiskInput, Extent, Manifest, Repository, SnapshotInfo};
+use stillpoint_repo::{BackupOptions, DiskInput, Manifest, Repository, SnapshotInfo};
 use tokio::sync::Mutex;
 
-use crate::capture_source::CapturedDiskSource;
-use crate::consistency::{self, Indication, Level, OnQuiesceFailure, RecipeFacts};
+use crate::capture_source::{CapturedDiskSource, capture_broke};
+use crate::consistency::{self, Indication, Level, OnQuiesceFailure, RecipeFacts, Shortfall};
 use crate::coverage;
 use crate::error::error_chain;
 use crate::error::{EngineError, EngineErrorKind, Result};
@@ -137,28 +146,18 @@ impl BackupOutcome {
 /// Backs up one VM. Never panics and never returns early without a report: the outcome
 /// says what was done, what was achieved and, on failure, why.
 pub async fn backup_vm(env: &BackupEnv, job: BackupJob) -> BackupOutcome {
-    let mut run = Run::new(&job);
-    let result = run.execute(env, &job).await;
-    run.report.steps = std::mem::take(&mut run.log.steps);
-    run.report.duration_ms = ms(run.log.elapsed());
-    match result {
-        Ok(manifest) => {
-            run.report.snapshot = Some(manifest.id.clone());
-            BackupOutcome {
-                report: run.report,
-                manifest: Some(manifest),
-                error: None,
-            }
-        }
-        Err(error) => {
-            run.report.error = Some(error_chain(&error));
-            BackupOutcome {
-                report: run.report,
-                manifest: None,
-                error: Some(error),
-            }
-        }
+    match env.platforms.resolve(&job.vm) {
+        Ok(vm) => backup_vm_on(env, job, vm).await,
+        Err(error) => Run::new(&job).conclude(Err(platform(error))),
     }
+}
+
+/// [`backup_vm`] of a VM already resolved (any platform's [`Vm`], the fakes of the flow's
+/// unit tests among them). Safe on a current-thread and a multi-thread tokio runtime alike.
+pub async fn backup_vm_on(env: &BackupEnv, job: BackupJob, vm: Arc<dyn Vm>) -> BackupOutcome {
+    let mut run = Run::new(&job);
+    let result = run.execute(env, &job, vm).await;
+    run.conclude(result)
 }
 
 /// One attempt at the point in time: the guarded freeze (when asked), the capture start, the
@@ -193,14 +192,91 @@ impl Span {
     }
 }
 
+/// Clean-up tasks that guards dropped mid-way spawned (a thaw), for the backup to wait on
+/// before it reports: so the guest is thawed when `backup_vm` returns.
+#[derive(Clone, Default)]
+struct PendingCleanup(Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>);
+
+impl PendingCleanup {
+    fn push(&self, task: tokio::task::JoinHandle<()>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(task);
+    }
+
+    /// Waits for every clean-up spawned so far.
+    async fn settle(&self) {
+        let tasks = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// A guarded freeze that thaws when it is dropped still frozen: the future holding it was
+/// cancelled (the recipe executor's capture timeout drops the capture step). The thaw then
+/// runs as a task (it needs the agent), which also removes the lease, so the guardian never
+/// comes to stop this process for a freeze nobody holds any more.
+struct ThawOnDrop {
+    frozen: Option<GuardedFreeze>,
+    vm: String,
+    cleanup: PendingCleanup,
+}
+
+impl ThawOnDrop {
+    async fn thaw(mut self) -> (FreezeWindow, Result<()>) {
+        match self.frozen.take() {
+            Some(frozen) => frozen.thaw().await,
+            None => unreachable!("a ThawOnDrop is thawed once, by value"),
+        }
+    }
+}
+
+impl Drop for ThawOnDrop {
+    fn drop(&mut self) {
+        let Some(frozen) = self.frozen.take() else {
+            return;
+        };
+        let vm = self.vm.clone();
+        tracing::warn!(
+            vm,
+            "the capture step was abandoned while frozen: thawing now"
+        );
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => self.cleanup.push(handle.spawn(async move {
+                if let (_, Err(error)) = frozen.thaw().await {
+                    tracing::warn!(vm, "{}", error_chain(&error));
+                }
+            })),
+            // No runtime to thaw from: the lease stays, and its guardian thaws.
+            Err(_) => tracing::warn!(vm, "no runtime to thaw from; the guardian thaws"),
+        }
+    }
+}
+
+/// A pause guard whose lease is removed when dropped, released or not: a cancelled capture
+/// start leaves no lease behind (the platform resumes the VM it paused on its own drop).
+struct ReleaseOnDrop(Option<PauseGuard>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(guard) = self.0.take() {
+            guard.release();
+        }
+    }
+}
+
 /// Freeze (when asked) → capture start → thaw. The guest is frozen for exactly this, and
 /// thawed on every path that froze it.
+///
+/// Cancel-safe: dropped at any await, the guards thaw the guest (spawning the thaw onto
+/// `cleanup`), remove the pause lease, and the platform's capture resumes the VM and releases
+/// what it set up.
 async fn freeze_and_start(
     env: &BackupEnv,
     vm: &dyn Vm,
     prepared: Box<dyn PreparedCapture>,
     freeze: bool,
     running: bool,
+    cleanup: &PendingCleanup,
 ) -> StartAttempt {
     let mut attempt = StartAttempt {
         unstarted: None,
@@ -242,7 +318,11 @@ async fn freeze_and_start(
             GuardedFreeze::freeze(vm, agent, &env.guard, env.freeze_timeout, env.hold_limit).await;
         attempt.freeze = Some(Span::since(began));
         match frozen {
-            Ok(frozen) => Some(frozen),
+            Ok(frozen) => Some(ThawOnDrop {
+                frozen: Some(frozen),
+                vm: vm.reference().to_string(),
+                cleanup: cleanup.clone(),
+            }),
             Err(error) => {
                 attempt.freeze_error = Some(error);
                 attempt.unstarted = Some(prepared);
@@ -257,7 +337,7 @@ async fn freeze_and_start(
     }
     // Without a freeze, the capture start still pauses a running VM's vCPUs for a few ms: a
     // guardian resumes the VM if this process dies in between (invariant 8).
-    let pause_guard = if frozen.is_none() && running {
+    let pause_guard = ReleaseOnDrop(if frozen.is_none() && running {
         match PauseGuard::start(vm, &env.guard, env.hold_limit).await {
             Ok(guard) => Some(guard),
             Err(error) => {
@@ -267,7 +347,7 @@ async fn freeze_and_start(
         }
     } else {
         None
-    };
+    });
     let began = Instant::now();
     attempt.started = Some(match failpoints::check(failpoints::CAPTURE_START) {
         Ok(()) => prepared.start().await,
@@ -282,9 +362,7 @@ async fn freeze_and_start(
         }
     });
     attempt.start = Some(Span::since(began));
-    if let Some(guard) = pause_guard {
-        guard.release();
-    }
+    drop(pause_guard);
     if let Some(frozen) = frozen {
         let began = Instant::now();
         let (window, thawed) = frozen.thaw().await;
@@ -296,6 +374,11 @@ async fn freeze_and_start(
 }
 
 /// The recipe's capture step: the same freeze → start → thaw, on the prepared capture.
+///
+/// The executor drops this step's future when the recipe's capture timeout passes. That is
+/// safe: the guards in [`freeze_and_start`] undo the freeze and the pause, the platform
+/// releases the capture, and the slots here then say so (`prepared` and `attempt` both
+/// empty: the capture was abandoned), which the backup turns into an error.
 struct RecipeCapture {
     env: BackupEnv,
     /// The VM ran at the preflight (so the capture start pauses and resumes it).
@@ -303,6 +386,7 @@ struct RecipeCapture {
     vm: Arc<dyn Vm>,
     prepared: Mutex<Option<Box<dyn PreparedCapture>>>,
     attempt: Mutex<Option<StartAttempt>>,
+    cleanup: PendingCleanup,
 }
 
 #[async_trait]
@@ -314,8 +398,15 @@ impl CaptureHook for RecipeCapture {
                 "the recipe asks for a second capture; a backup takes one",
             )
         })?;
-        let mut attempt =
-            freeze_and_start(&self.env, self.vm.as_ref(), prepared, freeze, self.running).await;
+        let mut attempt = freeze_and_start(
+            &self.env,
+            self.vm.as_ref(),
+            prepared,
+            freeze,
+            self.running,
+            &self.cleanup,
+        )
+        .await;
         let outcome = if let Some(error) = &attempt.freeze_error {
             *self.prepared.lock().await = attempt.unstarted.take();
             Err(EngineError::new(
@@ -356,6 +447,8 @@ struct Run {
     report: BackupReport,
     /// The VM ran at the preflight.
     running: bool,
+    /// The latest snapshot, when `--full` left it unused as the parent.
+    unused_parent: Option<String>,
 }
 
 impl Run {
@@ -363,6 +456,7 @@ impl Run {
         Self {
             log: StepLog::default(),
             running: false,
+            unused_parent: None,
             report: BackupReport {
                 vm: job.vm.clone(),
                 platform: String::new(),
@@ -387,6 +481,30 @@ impl Run {
         }
     }
 
+    /// The outcome: the report with its steps, the manifest or the error.
+    fn conclude(mut self, result: Result<Manifest>) -> BackupOutcome {
+        self.report.steps = std::mem::take(&mut self.log.steps);
+        self.report.duration_ms = ms(self.log.elapsed());
+        match result {
+            Ok(manifest) => {
+                self.report.snapshot = Some(manifest.id.clone());
+                BackupOutcome {
+                    report: self.report,
+                    manifest: Some(manifest),
+                    error: None,
+                }
+            }
+            Err(error) => {
+                self.report.error = Some(error_chain(&error));
+                BackupOutcome {
+                    report: self.report,
+                    manifest: None,
+                    error: Some(error),
+                }
+            }
+        }
+    }
+
     fn degrade(&mut self, to: Level, indication: Indication, why: String) {
         if to < self.report.achieved {
             self.report.achieved = to;
@@ -397,18 +515,38 @@ impl Run {
         self.report.degraded_because.push(why);
     }
 
-    fn refuse(&self, job: &BackupJob, why: impl std::fmt::Display) -> EngineError {
-        EngineError::new(
-            EngineErrorKind::ConsistencyRefused,
-            format!(
-                "VM `{}`: {} consistency cannot be reached ({why}) and --on-quiesce-failure is fail; nothing was backed up",
-                job.vm, job.requested
-            ),
-        )
+    /// Applies the policy to a step that fell short of the requested level: refused (`Err`,
+    /// the caller releases its capture) or recorded as degraded.
+    fn fall_short(
+        &mut self,
+        job: &BackupJob,
+        to: Level,
+        indication: Indication,
+        why: String,
+    ) -> Result<()> {
+        match consistency::decide_shortfall(&job.vm, job.requested, job.policy, to, indication, why)
+        {
+            Shortfall::Refuse(message) => Err(EngineError::new(
+                EngineErrorKind::ConsistencyRefused,
+                message,
+            )),
+            Shortfall::Degrade {
+                to,
+                indication,
+                why,
+            } => {
+                self.degrade(to, indication, why);
+                Ok(())
+            }
+        }
     }
 
-    async fn execute(&mut self, env: &BackupEnv, job: &BackupJob) -> Result<Manifest> {
-        let vm = env.platforms.resolve(&job.vm).map_err(platform)?;
+    async fn execute(
+        &mut self,
+        env: &BackupEnv,
+        job: &BackupJob,
+        vm: Arc<dyn Vm>,
+    ) -> Result<Manifest> {
         self.report.platform = vm.reference().platform.as_str().to_string();
         let capture = vm.capture().ok_or_else(|| {
             EngineError::new(
@@ -421,7 +559,14 @@ impl Run {
         let recipe_facts = job.recipe.as_ref().map(|recipe| recipe.facts());
         let facts = self
             .log
-            .run("preflight", preflight::gather(vm.as_ref(), recipe_facts))
+            .run(
+                "preflight",
+                preflight::gather_with_leases(
+                    vm.as_ref(),
+                    recipe_facts,
+                    Some(&env.guard.runtime_root),
+                ),
+            )
             .await
             .map_err(platform)?;
         self.running = facts.facts.run_state == RunState::Running;
@@ -439,7 +584,7 @@ impl Run {
         self.report.indications = plan.indications.clone();
         self.report.degraded_because = plan.degraded_because.clone();
         let workflow = match (&job.recipe, plan.run_recipe) {
-            (Some(recipe), true) => Some(self.plan_workflow(recipe, plan.freeze)?),
+            (Some(recipe), true) => Some(self.plan_workflow(env, recipe, plan.freeze)?),
             _ => None,
         };
 
@@ -459,10 +604,15 @@ impl Run {
         };
 
         // The parent snapshot and its bitmaps; the disks the recipe's volume group selects.
+        // Looked up under `--full` too, so the report can name the parent it did not use.
+        let latest = self
+            .latest_snapshot(env, vm.as_ref(), job.force_full)
+            .await?;
         let parent = if job.force_full {
+            self.unused_parent = latest.map(|m| m.id);
             None
         } else {
-            self.latest_snapshot(env, vm.as_ref()).await?
+            latest
         };
         let tracking = parent
             .as_ref()
@@ -565,11 +715,12 @@ impl Run {
                         ),
                     };
                     self.report.coverage = outcome.ok();
-                    if job.policy == OnQuiesceFailure::Fail {
+                    if let Err(refused) =
+                        self.fall_short(job, Level::Crash, Indication::QuiesceFailed, why)
+                    {
                         abort(prepared).await;
-                        return Err(self.refuse(job, why));
+                        return Err(refused);
                     }
-                    self.degrade(Level::Crash, Indication::QuiesceFailed, why);
                     plan.freeze = false;
                 }
             }
@@ -578,7 +729,9 @@ impl Run {
         // The point in time: frozen only across the capture start.
         // A freeze dropped above (coverage) is dropped from the recipe's capture step too.
         let workflow = match (workflow, &job.recipe) {
-            (Some(_), Some(recipe)) if !plan.freeze => Some(self.plan_workflow(recipe, false)?),
+            (Some(_), Some(recipe)) if !plan.freeze => {
+                Some(self.plan_workflow(env, recipe, false)?)
+            }
             (workflow, _) => workflow,
         };
         let started = match workflow {
@@ -594,9 +747,15 @@ impl Run {
         self.copy_and_publish(env, job, parent, started).await
     }
 
-    fn plan_workflow(&mut self, recipe: &RecipeInput, freeze: bool) -> Result<WorkflowPlan> {
+    fn plan_workflow(
+        &mut self,
+        env: &BackupEnv,
+        recipe: &RecipeInput,
+        freeze: bool,
+    ) -> Result<WorkflowPlan> {
         let options = PlanOptions {
             freeze,
+            capture_timeout: recipe_capture_timeout(env.freeze_timeout, env.hold_limit),
             ..PlanOptions::default()
         };
         stillpoint_recipe::plan_workflow(&recipe.recipe, "backup", &options).map_err(|error| {
@@ -608,7 +767,12 @@ impl Run {
         })
     }
 
-    async fn latest_snapshot(&mut self, env: &BackupEnv, vm: &dyn Vm) -> Result<Option<Manifest>> {
+    async fn latest_snapshot(
+        &mut self,
+        env: &BackupEnv,
+        vm: &dyn Vm,
+        force_full: bool,
+    ) -> Result<Option<Manifest>> {
         let repo = env.repo.clone();
         let name = vm.reference().name.clone();
         let started = Instant::now();
@@ -623,7 +787,13 @@ impl Run {
             "find parent",
             started,
             "ok",
-            latest.as_ref().map(|m| format!("parent snapshot {}", m.id)),
+            latest.as_ref().map(|m| {
+                if force_full {
+                    format!("parent snapshot {} (not used: --full)", m.id)
+                } else {
+                    format!("parent snapshot {}", m.id)
+                }
+            }),
         );
         Ok(latest)
     }
@@ -713,34 +883,18 @@ impl Run {
     async fn freeze_failed(
         &mut self,
         job: &BackupJob,
-        attempt: &mut StartAttempt,
+        error: EngineError,
+        prepared: Box<dyn PreparedCapture>,
     ) -> Result<Box<dyn PreparedCapture>> {
-        let error = attempt
-            .freeze_error
-            .take()
-            .expect("called after a failed freeze");
-        let prepared = attempt
-            .unstarted
-            .take()
-            .expect("a failed freeze gives the capture back");
-        let chain = error_chain(&error);
-        if job.policy == OnQuiesceFailure::Fail {
-            abort(prepared).await;
-            return Err(self
-                .refuse(job, format!("the freeze failed: {chain}"))
-                .with_source(error));
+        let why = format!("the freeze failed: {}", error_chain(&error));
+        let indication = consistency::quiesce_failure_indication(&error);
+        match self.fall_short(job, Level::Crash, indication, why) {
+            Ok(()) => Ok(prepared),
+            Err(refused) => {
+                abort(prepared).await;
+                Err(refused.with_source(error))
+            }
         }
-        let indication = if chain.contains("did not complete within") {
-            Indication::QuiesceTimeout
-        } else {
-            Indication::QuiesceFailed
-        };
-        self.degrade(
-            Level::Crash,
-            indication,
-            format!("the freeze failed: {chain}"),
-        );
-        Ok(prepared)
     }
 
     async fn start_plain(
@@ -754,7 +908,15 @@ impl Run {
         if !freeze {
             self.log.skipped("freeze", "not planned for this level");
         }
-        let mut attempt = freeze_and_start(env, vm, prepared, freeze, self.running).await;
+        let mut attempt = freeze_and_start(
+            env,
+            vm,
+            prepared,
+            freeze,
+            self.running,
+            &PendingCleanup::default(),
+        )
+        .await;
         self.absorb_started(job, env, vm, &mut attempt).await
     }
 
@@ -770,10 +932,29 @@ impl Run {
         if let Some(started) = self.absorb(attempt) {
             return started;
         }
-        let prepared = self.freeze_failed(job, attempt).await?;
-        let mut again = freeze_and_start(env, vm, prepared, false, self.running).await;
-        self.absorb(&mut again)
-            .expect("a start without a freeze always starts")
+        let (Some(error), Some(prepared)) = (attempt.freeze_error.take(), attempt.unstarted.take())
+        else {
+            return Err(EngineError::new(
+                EngineErrorKind::Capture,
+                "the capture neither started nor came back unstarted",
+            ));
+        };
+        let prepared = self.freeze_failed(job, error, prepared).await?;
+        let mut again = freeze_and_start(
+            env,
+            vm,
+            prepared,
+            false,
+            self.running,
+            &PendingCleanup::default(),
+        )
+        .await;
+        self.absorb(&mut again).unwrap_or_else(|| {
+            Err(EngineError::new(
+                EngineErrorKind::Capture,
+                "the capture start without a freeze did not run",
+            ))
+        })
     }
 
     /// The application level: the recipe's workflow runs its steps around the capture step,
@@ -793,6 +974,7 @@ impl Run {
             vm: vm.clone(),
             prepared: Mutex::new(Some(prepared)),
             attempt: Mutex::new(None),
+            cleanup: PendingCleanup::default(),
         });
         let disks: Vec<stillpoint_recipe::DiskInfo> = hook
             .prepared
@@ -832,15 +1014,37 @@ impl Run {
                 .map(|step| format!("stopped at {step}")),
         );
         self.report.recipe = serde_json::to_value(&workflow_report).ok();
-        let hook = Arc::try_unwrap(hook).ok().expect("the runner is gone");
-        let attempt = hook.attempt.into_inner();
-        let unused = hook.prepared.into_inner();
+        // A capture step the executor gave up on thaws from a task: wait for it, so the guest
+        // is thawed when this backup reports.
+        hook.cleanup.settle().await;
+        let attempt = hook.attempt.lock().await.take();
+        let unused = hook.prepared.lock().await.take();
 
-        let mut attempt = match attempt {
-            Some(attempt) => attempt,
-            None => {
+        let mut attempt = match (attempt, unused) {
+            (Some(attempt), unused) => {
+                if attempt.freeze_error.is_some() {
+                    let mut attempt = attempt;
+                    attempt.unstarted = unused;
+                    attempt
+                } else {
+                    attempt
+                }
+            }
+            (None, None) => {
+                // The capture step took the capture and never finished (the executor's
+                // capture timeout dropped it): its guards thawed the guest and released the
+                // capture. A capture that did not happen is not a level to degrade to.
+                return Err(EngineError::new(
+                    EngineErrorKind::Capture,
+                    format!(
+                        "VM `{}`: the recipe's capture step did not finish ({}); the guest was thawed and the capture released; nothing was backed up",
+                        job.vm,
+                        capture_step_error(&workflow_report)
+                    ),
+                ));
+            }
+            (None, Some(prepared)) => {
                 // The workflow stopped before its capture step (its inverse ops have run).
-                let prepared = unused.expect("no capture ran, so the capture is unused");
                 let why = format!(
                     "the recipe's steps before the capture failed ({})",
                     workflow_report
@@ -848,19 +1052,20 @@ impl Run {
                         .as_deref()
                         .unwrap_or("workflow stopped")
                 );
-                if job.policy == OnQuiesceFailure::Fail {
+                if let Err(refused) = self.fall_short(
+                    job,
+                    Level::Filesystem,
+                    Indication::ApplicationStepFailed,
+                    why,
+                ) {
                     abort(prepared).await;
-                    return Err(self.refuse(job, why));
+                    return Err(refused);
                 }
-                self.degrade(Level::Filesystem, Indication::ApplicationStepFailed, why);
                 return self
                     .start_plain(env, job, vm.as_ref(), prepared, freeze)
                     .await;
             }
         };
-        if attempt.freeze_error.is_some() {
-            attempt.unstarted = unused;
-        }
         let started = self
             .absorb_started(job, env, vm.as_ref(), &mut attempt)
             .await?;
@@ -873,13 +1078,17 @@ impl Run {
                     .map(|s| format!(" ({s})"))
                     .unwrap_or_default()
             );
-            if job.policy == OnQuiesceFailure::Fail {
+            if let Err(refused) = self.fall_short(
+                job,
+                Level::Filesystem,
+                Indication::ApplicationStepFailed,
+                why,
+            ) {
                 if let Err(error) = started.finish(false).await {
                     tracing::warn!("releasing the capture failed: {}", error_chain(&error));
                 }
-                return Err(self.refuse(job, why));
+                return Err(refused);
             }
-            self.degrade(Level::Filesystem, Indication::ApplicationStepFailed, why);
         }
         Ok(started)
     }
@@ -970,18 +1179,20 @@ impl Run {
                 } else {
                     "full".into()
                 },
-                full_reason: match &planned.mode {
-                    CaptureMode::Full { reason } => Some(reason.to_string()),
-                    CaptureMode::Incremental { .. } => None,
-                },
+                full_reason: full_read_reason(
+                    &planned.mode,
+                    job.force_full,
+                    self.unused_parent.as_deref(),
+                ),
                 bitmap: Some(planned.new_bitmap.clone()),
                 ..Default::default()
             };
             let began = Instant::now();
-            let result = copy_disk(env, job, &mut session, disk).await;
+            let result = copy_disk(env, job, session, disk).await;
             let step = format!("copy {}", entry.id);
             match result {
-                Ok(stats) => {
+                Ok((back, stats)) => {
+                    session = back;
                     self.log.record(&step, began, "ok", None);
                     entry.bytes_read = stats.bytes_read;
                     entry.bytes_stored = stats.bytes_stored;
@@ -1042,45 +1253,121 @@ impl Run {
 }
 
 /// Copies one captured disk into the session: only allocated extents for a full capture,
-/// only changed ones for an incremental (the rest keeps the parent's chunks unread).
+/// only changed ones for an incremental (the rest keeps the parent's chunks unread). Takes the
+/// session and hands it back: the writer runs on a blocking thread (`spawn_blocking`, which
+/// every runtime flavour has; `block_in_place` panics on a current-thread runtime) and reads
+/// the capture through this runtime's handle. On error the session is dropped: nothing of it
+/// is published, its stored chunks stay for the next backup.
 async fn copy_disk(
     env: &BackupEnv,
     job: &BackupJob,
-    session: &mut stillpoint_repo::BackupSession,
+    mut session: stillpoint_repo::BackupSession,
     disk: Arc<dyn CapturedDisk>,
-) -> Result<stillpoint_repo::DiskStats> {
+) -> Result<(stillpoint_repo::BackupSession, stillpoint_repo::DiskStats)> {
     failpoints::check(failpoints::DURING_COPY)?;
     let id = disk.id().to_string();
     let source = CapturedDiskSource::new(disk.clone(), tokio::runtime::Handle::current())
         .await
         .map_err(platform)?;
-    let changed = disk.changes().await.map_err(platform)?.map(|ranges| {
-        ranges
-            .into_iter()
-            .map(|r| Extent {
-                offset: r.offset,
-                len: r.len,
-            })
-            .collect::<Vec<_>>()
-    });
+    let changed = source.changed_extents().await.map_err(platform)?;
     let vm = job.vm.clone();
     // The writer reports every byte of the disk as it passes it, read or skipped.
     env.progress.disk_started(&vm, &id, disk.size());
     let progress = env.progress.clone();
-    // The writer runs on plain threads and blocks on reads through the runtime handle.
-    let result = tokio::task::block_in_place(|| {
-        let advance = |bytes: u64| progress.advanced(&vm, &id, bytes);
-        session.write_disk(
+    let name = id.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let advance = |bytes: u64| progress.advanced(&vm, &name, bytes);
+        let result = session.write_disk(
             DiskInput {
-                name: id.clone(),
+                name: name.clone(),
                 source: &source,
                 changed,
             },
             Some(&advance),
-        )
-    });
+        );
+        result.map(|stats| (session, stats))
+    })
+    .await;
     env.progress.disk_finished(&job.vm, &id);
-    result.map_err(repository)
+    match written {
+        Ok(result) => result.map_err(|error| copy_error(&job.vm, &id, error)),
+        Err(join) => Err(EngineError::new(
+            EngineErrorKind::Repository,
+            format!("VM `{}`, disk {id}: the repository writer panicked", job.vm),
+        )
+        .with_source(join)),
+    }
+}
+
+/// A failed copy as an engine error: a capture that broke under the copy (copy-before-write
+/// could not save old data, scratch space ran out) is a capture failure and says so; the
+/// rest is the repository's.
+fn copy_error(vm: &str, disk: &str, error: stillpoint_repo::Error) -> EngineError {
+    if capture_broke(&error) {
+        EngineError::new(
+            EngineErrorKind::CaptureBroken,
+            format!(
+                "VM `{vm}`, disk {disk}: the capture broke while it was copied (copy-before-write \
+                 could not keep the old data: scratch space?); the guest kept running and writing, \
+                 nothing was published"
+            ),
+        )
+        .with_source(error)
+    } else {
+        repository(error)
+    }
+}
+
+/// Why a disk was read in full, as the report says it. A full read asked for (`--full`) says
+/// so, naming the parent it did not use, rather than the platform's "no parent snapshot"
+/// (the platform was given none because of `--full`).
+pub fn full_read_reason(
+    mode: &CaptureMode,
+    force_full: bool,
+    unused_parent: Option<&str>,
+) -> Option<String> {
+    let CaptureMode::Full { reason } = mode else {
+        return None;
+    };
+    Some(match (reason, force_full, unused_parent) {
+        (FullReason::NoParent, true, Some(parent)) => {
+            format!("a full read was asked for (--full); parent snapshot {parent} was not used")
+        }
+        (FullReason::NoParent, true, None) => {
+            "a full read was asked for (--full); there is no parent snapshot either".to_string()
+        }
+        (reason, _, _) => reason.to_string(),
+    })
+}
+
+/// How long a recipe's capture step (sync → guarded freeze → capture start → thaw) may take
+/// before the executor drops it. Two bounds meet here:
+/// - below the guardian's deadline (freeze timeout + hold limit from the lease, written after
+///   the step began), so the executor gives up — and the step's guards thaw — before the
+///   guardian would stop this process;
+/// - beyond the freeze call's own timeout with room for the guest's `sync` and the guardian's
+///   start, so a freeze that hangs ends as a freeze timeout (`QuiesceTimeout`, the thaw handed
+///   to the guardian) rather than being dropped mid-call.
+///
+/// Half the hold limit past the freeze timeout sits between them; the plan's default caps it.
+pub fn recipe_capture_timeout(freeze_timeout: Duration, hold_limit: Duration) -> Duration {
+    stillpoint_recipe::plan::DEFAULT_CAPTURE_TIMEOUT.min(freeze_timeout + hold_limit / 2)
+}
+
+/// What the workflow report says about its capture step (why it did not finish).
+fn capture_step_error(report: &stillpoint_recipe::WorkflowReport) -> String {
+    report
+        .steps
+        .iter()
+        .find(|step| step.kind == stillpoint_recipe::executor::StepKind::Capture)
+        .map(|step| {
+            format!(
+                "{}: {}",
+                step.name,
+                step.error.as_deref().unwrap_or("no error recorded")
+            )
+        })
+        .unwrap_or_else(|| "the workflow has no capture step".to_string())
 }
 
 async fn abort(prepared: Box<dyn PreparedCapture>) {
@@ -1107,4 +1394,51 @@ fn platform(error: stillpoint_platform::PlatformError) -> EngineError {
 
 fn repository(error: stillpoint_repo::Error) -> EngineError {
     EngineError::new(EngineErrorKind::Repository, "the repository failed").with_source(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forced_full_read_says_so_and_names_the_unused_parent() {
+        let no_parent = CaptureMode::Full {
+            reason: FullReason::NoParent,
+        };
+        assert_eq!(
+            full_read_reason(&no_parent, true, Some("20260101-000000-abcd")).as_deref(),
+            Some(
+                "a full read was asked for (--full); parent snapshot 20260101-000000-abcd was not used"
+            )
+        );
+        assert!(
+            full_read_reason(&no_parent, true, None)
+                .unwrap()
+                .contains("--full")
+        );
+        assert_eq!(
+            full_read_reason(&no_parent, false, None).as_deref(),
+            Some("no parent snapshot")
+        );
+        let incremental = CaptureMode::Incremental {
+            parent_bitmap: "stillpoint-x".into(),
+        };
+        assert_eq!(full_read_reason(&incremental, true, Some("p")), None);
+    }
+
+    #[test]
+    fn the_recipe_capture_timeout_outlasts_the_freeze_call_and_ends_before_the_guardian() {
+        let (freeze, hold) = (Duration::from_secs(60), Duration::from_secs(60));
+        let timeout = recipe_capture_timeout(freeze, hold);
+        assert_eq!(timeout, Duration::from_secs(90));
+        assert!(timeout > freeze && timeout < freeze + hold);
+        assert_eq!(
+            recipe_capture_timeout(Duration::from_secs(10), Duration::from_secs(40)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            recipe_capture_timeout(Duration::from_secs(600), Duration::from_secs(600)),
+            stillpoint_recipe::plan::DEFAULT_CAPTURE_TIMEOUT
+        );
+    }
 }

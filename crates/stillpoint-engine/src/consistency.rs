@@ -112,6 +112,28 @@ pub enum AgentFacts {
     Reachable(Box<ReachableAgent>),
 }
 
+/// Who holds the freeze of a guest found frozen at the preflight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "by")]
+pub enum FrozenBy {
+    /// A stillpoint freeze lease covers it (`stillpoint freeze`, or a freeze of another
+    /// stillpoint process).
+    Stillpoint {
+        /// The process that froze it.
+        holder_pid: u32,
+        /// The guardian that thaws it, if one was started.
+        guardian_pid: Option<u32>,
+        /// How long it has been frozen, by the lease, at the preflight.
+        frozen_for_ms: u64,
+        /// In how long its guardian thaws it on its own, at the preflight (`None`: never, it
+        /// waits for `stillpoint unfreeze`).
+        thaws_in_ms: Option<u64>,
+    },
+    /// No stillpoint lease covers the VM: someone else froze it (another tool, a user of the
+    /// agent), or a stillpoint freeze whose lease was removed.
+    NotStillpoint,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReachableAgent {
     pub version: String,
@@ -121,6 +143,10 @@ pub struct ReachableAgent {
     pub exec_enabled: bool,
     /// The guest is frozen already (by someone else, or a freeze that was never thawed).
     pub already_frozen: bool,
+    /// Who froze it, when the preflight could look at stillpoint's freeze leases (`None`: it
+    /// could not, or the guest is not frozen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_by: Option<FrozenBy>,
     pub os: Option<GuestOs>,
     /// Filesystems the agent reports and a freeze covers.
     pub covered_filesystems: Vec<GuestFilesystem>,
@@ -235,7 +261,13 @@ pub fn assess(facts: &Preflight) -> Assessment {
             }
         }
         AgentFacts::Reachable(agent) => {
-            if !agent.freeze_enabled {
+            if agent.already_frozen {
+                // The agent disables the freeze while frozen: that is the freeze, not a policy.
+                filesystem_reasons.push(frozen_guest_reason(agent.frozen_by.as_ref()));
+                if indication == Indication::GuestAgent {
+                    indication = Indication::QuiesceFailed;
+                }
+            } else if !agent.freeze_enabled {
                 filesystem_reasons.push(
                     "the guest agent has guest-fsfreeze-freeze disabled (e.g. --block-rpcs or an allow-list)"
                         .into(),
@@ -255,12 +287,6 @@ pub fn assess(facts: &Preflight) -> Assessment {
             if agent.freeze_enabled && agent.covered_filesystems.is_empty() {
                 notes.push(
                     "the guest agent reports no freezable filesystem: a freeze would cover nothing"
-                        .into(),
-                );
-            }
-            if agent.already_frozen {
-                notes.push(
-                    "the guest is frozen already; a backup uses that freeze and leaves thawing to whoever froze it"
                         .into(),
                 );
             }
@@ -341,6 +367,43 @@ pub fn assess(facts: &Preflight) -> Assessment {
     }
 }
 
+/// Why a guest found frozen cannot be frozen by a backup: it says the guest is frozen, by whom
+/// (a stillpoint freeze lease, or not stillpoint) and for how long, when that is known.
+pub fn frozen_guest_reason(frozen_by: Option<&FrozenBy>) -> String {
+    let who = match frozen_by {
+        None => "by whom is not known here".to_string(),
+        Some(FrozenBy::NotStillpoint) => {
+            "not by stillpoint: no stillpoint freeze lease covers this VM".to_string()
+        }
+        Some(FrozenBy::Stillpoint {
+            holder_pid,
+            guardian_pid,
+            frozen_for_ms,
+            thaws_in_ms,
+        }) => {
+            let thaw = match (thaws_in_ms, guardian_pid) {
+                (Some(ms), Some(pid)) => {
+                    format!("its guardian (pid {pid}) thaws it in {}", seconds(*ms))
+                }
+                (Some(ms), None) => format!("its deadline passes in {}", seconds(*ms)),
+                (None, _) => "it stays frozen until `stillpoint unfreeze`".to_string(),
+            };
+            format!(
+                "by a stillpoint freeze (pid {holder_pid}) {} ago; {thaw}",
+                seconds(*frozen_for_ms)
+            )
+        }
+    };
+    format!(
+        "the guest is frozen already ({who}): a backup cannot take a freeze of its own, and \
+         thawing is left to whoever froze it"
+    )
+}
+
+fn seconds(ms: u64) -> String {
+    format!("{} s", (ms + 500) / 1000)
+}
+
 /// What a backup will do about quiescing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuiescePlan {
@@ -412,6 +475,58 @@ pub fn plan_quiesce(
     })
 }
 
+/// What the policy makes of a step that fell short of the requested level at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shortfall {
+    /// `--on-quiesce-failure fail`: stop; nothing is published. The message names the VM,
+    /// the level and why.
+    Refuse(String),
+    /// `degrade`: go on at `to`, saying why.
+    Degrade {
+        to: Level,
+        indication: Indication,
+        why: String,
+    },
+}
+
+/// The one rule for every step that cannot reach the requested level once the backup runs:
+/// the freeze's coverage of the captured disks, a freeze that fails, the recipe's steps
+/// before the capture. `fail` refuses; `degrade` goes on at `to`.
+pub fn decide_shortfall(
+    vm: &str,
+    requested: Level,
+    policy: OnQuiesceFailure,
+    to: Level,
+    indication: Indication,
+    why: String,
+) -> Shortfall {
+    match policy {
+        OnQuiesceFailure::Fail => Shortfall::Refuse(format!(
+            "VM `{vm}`: {requested} consistency cannot be reached ({why}) and --on-quiesce-failure is fail; nothing was backed up"
+        )),
+        OnQuiesceFailure::Degrade => Shortfall::Degrade {
+            to,
+            indication,
+            why,
+        },
+    }
+}
+
+/// The indication of a freeze that failed, from the error's typed cause: a guest agent call
+/// that timed out anywhere in its chain is `QuiesceTimeout`, anything else `QuiesceFailed`.
+pub fn quiesce_failure_indication(error: &(dyn std::error::Error + 'static)) -> Indication {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if let Some(agent) = current.downcast_ref::<stillpoint_qga::Error>()
+            && matches!(agent.kind(), stillpoint_qga::ErrorKind::Timeout { .. })
+        {
+            return Indication::QuiesceTimeout;
+        }
+        cause = current.source();
+    }
+    Indication::QuiesceFailed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,6 +539,7 @@ mod tests {
             thaw_enabled: true,
             exec_enabled: true,
             already_frozen: false,
+            frozen_by: None,
             os: Some(GuestOs {
                 id: "linux".into(),
                 pretty_name: None,
@@ -592,5 +708,124 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown consistency level")
         );
+    }
+
+    #[test]
+    fn a_shortfall_is_refused_under_fail_and_degraded_under_degrade() {
+        let refused = decide_shortfall(
+            "web",
+            Level::Filesystem,
+            OnQuiesceFailure::Fail,
+            Level::Crash,
+            Indication::QuiesceFailed,
+            "the freeze failed".into(),
+        );
+        assert_eq!(
+            refused,
+            Shortfall::Refuse(
+                "VM `web`: filesystem consistency cannot be reached (the freeze failed) and \
+                 --on-quiesce-failure is fail; nothing was backed up"
+                    .into()
+            )
+        );
+        let degraded = decide_shortfall(
+            "web",
+            Level::Application,
+            OnQuiesceFailure::Degrade,
+            Level::Filesystem,
+            Indication::ApplicationStepFailed,
+            "a check failed".into(),
+        );
+        assert_eq!(
+            degraded,
+            Shortfall::Degrade {
+                to: Level::Filesystem,
+                indication: Indication::ApplicationStepFailed,
+                why: "a check failed".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_freeze_failure_is_a_timeout_only_when_an_agent_call_timed_out_in_its_chain() {
+        use crate::error::{EngineError, EngineErrorKind};
+        let timed_out = stillpoint_qga::Error::new(stillpoint_qga::ErrorKind::Timeout {
+            after: std::time::Duration::from_secs(5),
+        });
+        // Wrapped once more, and worded without "did not complete within": the kind decides.
+        let error = EngineError::new(EngineErrorKind::Agent, "the freeze failed").with_source(
+            EngineError::new(EngineErrorKind::Agent, "VM `web`: no answer").with_source(timed_out),
+        );
+        assert_eq!(
+            quiesce_failure_indication(&error),
+            Indication::QuiesceTimeout
+        );
+        let refused = EngineError::new(
+            EngineErrorKind::Agent,
+            "the freeze did not complete within 5 s (text alone is not a timeout)",
+        )
+        .with_source(stillpoint_qga::Error::new(
+            stillpoint_qga::ErrorKind::Closed,
+        ));
+        assert_eq!(
+            quiesce_failure_indication(&refused),
+            Indication::QuiesceFailed
+        );
+    }
+
+    #[test]
+    fn a_frozen_guest_is_reported_as_frozen_by_whom_and_since_when_not_as_blocked() {
+        let mut agent = reachable();
+        agent.already_frozen = true;
+        // As qemu-ga reports a frozen guest: the freeze itself disabled.
+        agent.freeze_enabled = false;
+        agent.frozen_by = Some(FrozenBy::Stillpoint {
+            holder_pid: 4242,
+            guardian_pid: Some(4243),
+            frozen_for_ms: 12_300,
+            thaws_in_ms: Some(287_700),
+        });
+        let facts = Preflight {
+            run_state: RunState::Running,
+            agent: AgentFacts::Reachable(Box::new(agent.clone())),
+            recipe: None,
+        };
+        let assessment = assess(&facts);
+        let reasons = &assessment.verdict(Level::Filesystem).reasons;
+        assert_eq!(
+            reasons,
+            &vec![
+                "the guest is frozen already (by a stillpoint freeze (pid 4242) 12 s ago; its \
+                 guardian (pid 4243) thaws it in 288 s): a backup cannot take a freeze of its \
+                 own, and thawing is left to whoever froze it"
+                    .to_string()
+            ]
+        );
+        assert!(
+            !reasons.iter().any(|r| r.contains("block-rpcs")),
+            "{reasons:?}"
+        );
+        assert_eq!(assessment.achievable, Level::Crash);
+        assert_eq!(assessment.indication, Indication::QuiesceFailed);
+
+        assert!(frozen_guest_reason(Some(&FrozenBy::NotStillpoint)).contains("not by stillpoint"));
+        assert!(frozen_guest_reason(None).contains("by whom is not known"));
+        let forever = FrozenBy::Stillpoint {
+            holder_pid: 1,
+            guardian_pid: None,
+            frozen_for_ms: 1000,
+            thaws_in_ms: None,
+        };
+        assert!(frozen_guest_reason(Some(&forever)).contains("until `stillpoint unfreeze`"));
+
+        // Not frozen, freeze disabled by policy: that reason stays.
+        agent.already_frozen = false;
+        agent.frozen_by = None;
+        let facts = Preflight {
+            run_state: RunState::Running,
+            agent: AgentFacts::Reachable(Box::new(agent)),
+            recipe: None,
+        };
+        assert!(assess(&facts).verdict(Level::Filesystem).reasons[0].contains("--block-rpcs"));
     }
 }

@@ -31,6 +31,9 @@ pub enum EngineErrorKind {
     HostCommand,
     /// The capture step of a recipe failed (disk selection, freeze, capture start).
     Capture,
+    /// The capture broke while it was read: copy-before-write could not keep the old data
+    /// the guest overwrote (scratch space ran out). The guest was not harmed.
+    CaptureBroken,
     /// A restore failed: the target directory, a disk, or a file written beside the disks.
     Restore,
     /// A recorded VM definition cannot be used (not a QEMU command line, an argument that

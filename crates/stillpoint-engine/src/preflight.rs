@@ -3,15 +3,17 @@
 //! The I/O is here; what the facts mean is decided by [`crate::consistency::assess`]. Parsing
 //! of guest output (`/proc/mounts`) is pure and unit-tested.
 
+use std::path::Path;
 use std::time::Duration;
 
 use stillpoint_platform::{GuestAgent, RunState, Vm};
 use stillpoint_qga::{ExecRequest, FreezeStatus};
 
 use crate::consistency::{
-    AgentFacts, GuestFilesystem, GuestOs, Preflight, ReachableAgent, RecipeFacts,
+    AgentFacts, FrozenBy, GuestFilesystem, GuestOs, Preflight, ReachableAgent, RecipeFacts,
 };
 use crate::error::error_chain;
+use crate::guardian;
 
 /// How long a preflight guest command may take (it only reads `/proc` and `/sys`).
 const GUEST_READ_LIMIT: Duration = Duration::from_secs(10);
@@ -31,6 +33,16 @@ pub async fn gather(
     vm: &dyn Vm,
     recipe: Option<RecipeFacts>,
 ) -> stillpoint_platform::Result<PreflightReport> {
+    gather_with_leases(vm, recipe, None).await
+}
+
+/// [`gather`], and for a guest found frozen, who froze it: read from stillpoint's freeze lease
+/// of the VM under `runtime_root` (read only; `None`: who is not looked up).
+pub async fn gather_with_leases(
+    vm: &dyn Vm,
+    recipe: Option<RecipeFacts>,
+    runtime_root: Option<&Path>,
+) -> stillpoint_platform::Result<PreflightReport> {
     let status = vm.status().await?;
     let agent = match (status.state, vm.agent()) {
         (_, None) => AgentFacts::NoChannel,
@@ -38,7 +50,12 @@ pub async fn gather(
             reason: "the VM is not running".into(),
         },
         (_, Some(agent)) => {
-            let facts = agent_facts(agent.as_ref()).await;
+            let mut facts = agent_facts(agent.as_ref()).await;
+            if let (AgentFacts::Reachable(agent), Some(root)) = (&mut facts, runtime_root)
+                && agent.already_frozen
+            {
+                agent.frozen_by = Some(frozen_by(root, &vm.reference().to_string()));
+            }
             // Let go of the channel: it takes one client at a time.
             agent.release().await;
             facts
@@ -52,6 +69,31 @@ pub async fn gather(
         },
         status_detail: status.detail,
     })
+}
+
+/// Who froze the VM, from its stillpoint freeze lease (a pause lease is not a freeze).
+fn frozen_by(runtime_root: &Path, vm: &str) -> FrozenBy {
+    match guardian::read_lease(&guardian::lease_path(runtime_root, vm)) {
+        Ok(Some(lease)) if lease.thaw => {
+            let now = guardian::now_ms();
+            FrozenBy::Stillpoint {
+                holder_pid: lease.holder_pid,
+                guardian_pid: lease.guardian_pid,
+                frozen_for_ms: now.saturating_sub(lease.frozen_at_ms),
+                thaws_in_ms: lease
+                    .deadline_ms
+                    .map(|deadline| deadline.saturating_sub(now)),
+            }
+        }
+        Ok(_) => FrozenBy::NotStillpoint,
+        Err(error) => {
+            tracing::warn!(
+                "cannot read the freeze lease of `{vm}`: {}",
+                error_chain(&error)
+            );
+            FrozenBy::NotStillpoint
+        }
+    }
 }
 
 async fn agent_facts(agent: &dyn GuestAgent) -> AgentFacts {
@@ -119,6 +161,7 @@ async fn agent_facts(agent: &dyn GuestAgent) -> AgentFacts {
         thaw_enabled: info.is_enabled("guest-fsfreeze-thaw"),
         exec_enabled,
         already_frozen,
+        frozen_by: None,
         os,
         covered_filesystems,
         uncovered_filesystems,

@@ -52,7 +52,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use stillpoint_platform::Vm;
-use stillpoint_recipe::executor::{EndRecord, Phase as StepPhase, StepKind};
+use stillpoint_recipe::executor::{
+    EndRecord, Owed, Phase as StepPhase, StepKind, owe_after_success, settle_owed,
+};
 use stillpoint_recipe::model::Target;
 use stillpoint_recipe::plan::{CaptureStep, CheckStep, ExecStep};
 use stillpoint_recipe::{
@@ -349,20 +351,15 @@ impl Split {
 /// compensation rule (an op's inverse is owed once the op succeeded, and settled when an op
 /// of the inverse's name succeeds as a step).
 fn owed_inverses(plan: &WorkflowPlan, records: &[StepRecord]) -> Vec<String> {
-    let mut owed: Vec<(String, String)> = Vec::new();
+    let mut owed: Vec<Owed<String>> = Vec::new();
     for (step, record) in plan.steps.iter().zip(records) {
-        let PlannedStep::Exec(exec) = step else {
-            continue;
-        };
-        if record.outcome != StepOutcome::Ok {
-            continue;
-        }
-        owed.retain(|(_, inverse)| inverse != &exec.id);
-        if let Some(inverse) = &exec.inverse {
-            owed.push((exec.id.clone(), inverse.id.clone()));
+        if let PlannedStep::Exec(exec) = step
+            && record.outcome == StepOutcome::Ok
+        {
+            owe_after_success(&mut owed, exec.id.clone(), exec);
         }
     }
-    owed.into_iter().map(|(op, _)| op).collect()
+    owed.into_iter().map(|o| o.key).collect()
 }
 
 /// The capture hook the step runner is built with; the phase runner takes the capture step
@@ -392,7 +389,7 @@ struct Adopted {
 struct Carried {
     adopted: Vec<Adopted>,
     /// `(op, its inverse)`, oldest first.
-    owed: Vec<(String, ExecStep)>,
+    owed: Vec<Owed<String>>,
     /// Post-phase op → the adopted op it ends.
     enders: HashMap<String, String>,
     ended: Vec<AdoptedOp>,
@@ -431,7 +428,7 @@ impl PhaseRunner<'_> {
     async fn settle(&self, carried: &tokio::sync::Mutex<Carried>, id: &str) {
         let to_end = {
             let mut carried = carried.lock().await;
-            carried.owed.retain(|(_, inverse)| inverse.id != id);
+            settle_owed(&mut carried.owed, id);
             match carried.enders.get(id).cloned() {
                 Some(target) => carried
                     .adopted
@@ -597,10 +594,10 @@ async fn end_adopted(
 }
 
 /// Runs owed inverse ops, newest first, as compensation steps.
-async fn compensate(runner: &QemuStepRunner, owed: Vec<(String, ExecStep)>) -> Vec<StepRecord> {
+async fn compensate(runner: &QemuStepRunner, owed: Vec<Owed<String>>) -> Vec<StepRecord> {
     let backstop = ExecOptions::default().backstop;
     let mut records = Vec::new();
-    for (op, inverse) in owed.into_iter().rev() {
+    for Owed { key: op, inverse } in owed.into_iter().rev() {
         let started = Instant::now();
         let request = ExecRequest {
             id: inverse.id.clone(),
@@ -847,7 +844,10 @@ fn carry(
     }
     for op in &state.owed_inverse_of {
         match split.op(op).and_then(|exec| exec.inverse.as_deref()) {
-            Some(inverse) => carried.owed.push((op.clone(), inverse.clone())),
+            Some(inverse) => carried.owed.push(Owed {
+                key: op.clone(),
+                inverse: inverse.clone(),
+            }),
             None => report.fail(format!(
                 "the recipe no longer has op `{op}` or its inverse op, which the pre phase left owed"
             )),

@@ -4,8 +4,8 @@
 //! ```text
 //!  Executor::run(plan) ──► QemuStepRunner ──► guest: guest-exec / guest-exec-status / kill via guest-exec
 //!                                          ├─► host: local process group (tokio::process)
-//!                                          └─► capture: CaptureHook (the backup orchestration;
-//!                                                 GuardedCapture = guarded freeze → start → thaw)
+//!                                          └─► capture: CaptureHook (the backup orchestration:
+//!                                                 guarded freeze → capture start → thaw)
 //! ```
 //!
 //! What it keeps:
@@ -69,9 +69,7 @@ use stillpoint_recipe::{
 };
 use tokio::sync::{Mutex, OnceCell};
 
-pub use self::capture::{
-    CaptureHook, CaptureStart, FreezeLimits, FreezeOnlyCapture, GuardedCapture, NoDiskCapture,
-};
+pub use self::capture::CaptureHook;
 use self::guest::GuestProcess;
 use self::host::HostProcess;
 use crate::error::{EngineError, EngineErrorKind, Result};

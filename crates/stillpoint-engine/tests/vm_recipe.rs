@@ -12,10 +12,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use stillpoint_engine::freeze::GuardContext;
+use stillpoint_engine::freeze::GuardedFreeze;
 use stillpoint_engine::guardian::{self, GuardianCommand};
-use stillpoint_engine::recipe_runner::{
-    CaptureHook, FreezeLimits, FreezeOnlyCapture, QemuStepRunner,
-};
+use stillpoint_engine::recipe_runner::{CaptureHook, QemuStepRunner};
 use stillpoint_engine::{EngineError, EngineErrorKind};
 use stillpoint_platform::qemu::{QemuInventory, QemuVm};
 use stillpoint_platform::{GuestAgent, Vm};
@@ -115,14 +114,10 @@ impl Guest {
     }
 
     fn freeze_only(&self) -> FreezeOnlyCapture {
-        FreezeOnlyCapture::freeze_only(
-            self.vm.clone(),
-            self.guard(),
-            FreezeLimits {
-                freeze_timeout: Duration::from_secs(30),
-                hold_limit: Duration::from_secs(60),
-            },
-        )
+        FreezeOnlyCapture {
+            vm: self.vm.clone(),
+            guard: self.guard(),
+        }
     }
 
     async fn freeze_status(&self) -> FreezeStatus {
@@ -212,6 +207,44 @@ impl Guest {
             .await,
             "the workload did not end"
         );
+    }
+}
+
+/// The tests' capture hook: the guarded freeze (lease + guardian) and thaw around no capture
+/// at all — these tests look at the recipe's steps around the capture, not at disks.
+struct FreezeOnlyCapture {
+    vm: Arc<dyn Vm>,
+    guard: GuardContext,
+}
+
+#[async_trait]
+impl CaptureHook for FreezeOnlyCapture {
+    async fn capture(&self, disks: &[String], freeze: bool) -> Result<CaptureOutcome, EngineError> {
+        if !freeze {
+            return Ok(CaptureOutcome {
+                disks: disks.to_vec(),
+                freeze: None,
+            });
+        }
+        let agent = self.vm.agent().expect("the test VM has an agent");
+        let frozen = GuardedFreeze::freeze(
+            self.vm.as_ref(),
+            agent,
+            &self.guard,
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+        )
+        .await?;
+        let (window, thawed) = frozen.thaw().await;
+        Ok(CaptureOutcome {
+            disks: disks.to_vec(),
+            freeze: Some(stillpoint_recipe::FreezeTrace {
+                frozen: true,
+                thawed: thawed.is_ok(),
+                frozen_for: Some(Duration::from_secs_f64(window.frozen_ms / 1000.0)),
+                error: thawed.err().map(|e| e.to_string()),
+            }),
+        })
     }
 }
 
@@ -837,4 +870,177 @@ async fn a_guest_frozen_by_someone_else_is_explained_and_ensure_thawed_thaws_it(
     runner.ensure_thawed().await.expect("and is idempotent");
     let outcome = runner.exec(&request).await.expect("runs once thawed");
     assert!(outcome.succeeded(), "{outcome:?}");
+}
+
+/// A recipe whose capture step is all there is between a guest op and its undo.
+const MARK_RECIPE: &str = r#"
+apiVersion: ramendr.openshift.io/v1alpha1
+kind: Recipe
+metadata:
+  name: mark-around-capture
+spec:
+  groups:
+  - name: vm-disks
+    type: volume
+  hooks:
+  - name: marker
+    type: exec
+    target: guest
+    timeout: 20
+    ops:
+    - name: mark
+      command: [/bin/touch, /run/stillpoint-test.mark]
+      inverseOp: unmark
+    - name: unmark
+      command: [/bin/rm, -f, /run/stillpoint-test.mark]
+  workflows:
+  - name: backup
+    sequence:
+    - hook: marker/mark
+    - group: vm-disks
+    - hook: marker/unmark
+"#;
+
+/// Issue 8, item 1: the executor's capture timeout drops the recipe's capture step while the
+/// guest is frozen (a fail point holds the step inside the frozen window past the timeout,
+/// which the engine bounds by the hold limit). The backup must not panic, must thaw the guest,
+/// leave the VM running and no lease behind, publish nothing — and the next backup must work.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipe_capture_step_that_times_out_thaws_publishes_nothing_and_the_next_backup_works() {
+    use stillpoint_engine::backup::{
+        BackupEnv, BackupJob, NoProgress, RecipeInput, backup_vm, recipe_capture_timeout,
+    };
+    use stillpoint_engine::consistency::{Level, OnQuiesceFailure};
+    use stillpoint_platform::{Platforms, RunState};
+
+    let guest = Guest::boot("recipe-capture-timeout").await;
+    let name = guest.vm.reference().name.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = stillpoint_repo::Repository::init_local(
+        dir.path().join("repo"),
+        &stillpoint_repo::InitOptions::default(),
+    )
+    .unwrap();
+    let recipe_path = dir.path().join("mark.yaml");
+    std::fs::write(&recipe_path, MARK_RECIPE).unwrap();
+    let valid = load_recipe(&recipe_path, &ValidateOptions::default()).expect("valid recipe");
+    let recipe = Arc::new(RecipeInput {
+        path: recipe_path,
+        recipe: valid.recipe,
+    });
+    // Capture step timeout: 10 s + 40 s / 2 = 30 s; the guardian's deadline: 50 s after its
+    // lease. The fail point holds the frozen window 35 s: past the one, well before the other.
+    let freeze_timeout = Duration::from_secs(10);
+    let hold_limit = Duration::from_secs(40);
+    let env = BackupEnv {
+        platforms: Platforms::new(QemuInventory::new(Vec::new(), guest.runtime_root.clone())),
+        repo: repo.clone(),
+        guard: guest.guard(),
+        scratch_root: dir.path().join("scratch"),
+        freeze_timeout,
+        hold_limit,
+        progress: Arc::new(NoProgress),
+    };
+    let job = BackupJob {
+        vm: name.clone(),
+        requested: Level::Application,
+        policy: OnQuiesceFailure::Degrade,
+        recipe: Some(recipe),
+        force_full: false,
+    };
+    // Held inside the frozen window longer than the capture step may take; the guardian's
+    // deadline (freeze timeout + hold limit) is further still, so the executor gives up first.
+    let timeout = recipe_capture_timeout(freeze_timeout, hold_limit);
+    fail::cfg(
+        stillpoint_engine::failpoints::CAPTURE_START,
+        &format!(
+            "1*sleep({})->off",
+            (timeout + Duration::from_secs(5)).as_millis()
+        ),
+    )
+    .unwrap();
+
+    let outcome = backup_vm(&env, job.clone()).await;
+    fail::remove(stillpoint_engine::failpoints::CAPTURE_START);
+    println!("{}", serde_json::to_string_pretty(&outcome.report).unwrap());
+    let error = outcome
+        .error
+        .as_ref()
+        .expect("the timed-out capture fails the backup");
+    assert_eq!(error.kind(), EngineErrorKind::Capture, "{error}");
+    assert!(
+        error.to_string().contains("did not finish"),
+        "the error says the capture step did not finish: {error}"
+    );
+    assert!(outcome.manifest.is_none());
+    assert!(
+        repo.snapshots(None).unwrap().is_empty(),
+        "nothing is published"
+    );
+    let recipe_report = outcome.report.recipe.as_ref().expect("the workflow ran");
+    assert_eq!(
+        recipe_report["stopped_at"], "group:vm-disks",
+        "{recipe_report:#}"
+    );
+    // Thawed when backup_vm returned (the step's guard thaws, and the backup waits for it).
+    assert_eq!(guest.freeze_status().await, FreezeStatus::Thawed);
+    assert_eq!(
+        guest
+            .sh_ok("[ -e /run/stillpoint-test.mark ] && echo left || echo undone")
+            .await
+            .trim(),
+        "undone",
+        "the op before the capture was undone"
+    );
+    // The platform resumes a VM the abandoned start paused, and releases the capture, in the
+    // background: waited for, not looked at once. Through a handle of its own, dropped after
+    // each look: the monitor takes one client at a time, and the next backup needs it.
+    let look = || async {
+        let vm = env.platforms.resolve(&name).expect("the VM resolves");
+        let running = vm
+            .status()
+            .await
+            .is_ok_and(|s| s.state == RunState::Running);
+        let leftovers = match vm.capture().expect("the qemu VM captures").inspect().await {
+            Ok(inventory) => inventory.leftovers,
+            Err(error) => vec![error.to_string()],
+        };
+        (running, leftovers)
+    };
+    let settled = wait_until(Duration::from_secs(60), || async {
+        let (running, leftovers) = look().await;
+        running && leftovers.is_empty()
+    })
+    .await;
+    assert!(
+        settled,
+        "the VM runs again and the capture is released: {:?}",
+        look().await
+    );
+    guest.agent().release().await;
+    let leases = guardian::lease_path(&guest.runtime_root, &name);
+    let pause = guardian::pause_lease_path(&guest.runtime_root, &name);
+    assert!(
+        !leases.exists() && !pause.exists(),
+        "no lease is left for a guardian to act on: {} {}",
+        leases.display(),
+        pause.display()
+    );
+
+    let next = backup_vm(&env, job).await;
+    println!("{}", serde_json::to_string_pretty(&next.report).unwrap());
+    assert!(
+        next.error.is_none(),
+        "the next backup works: {:?}",
+        next.error
+    );
+    assert!(next.achieved_requested(), "{:#?}", next.report);
+    assert_eq!(repo.snapshots(None).unwrap().len(), 1);
+    assert!(
+        !next.report.disks.is_empty() && next.report.disks.iter().all(|d| d.mode == "full"),
+        "no bitmap of the abandoned capture was settled as a parent: {:?}",
+        next.report.disks
+    );
+    assert_eq!(guest.freeze_status().await, FreezeStatus::Thawed);
 }

@@ -318,10 +318,35 @@ struct Running<H> {
     grace: Duration,
 }
 
-struct Compensation {
-    record: usize,
-    inverse: ExecStep,
+/// An inverse op owed because the op `key` stands for succeeded.
+#[derive(Debug, Clone)]
+pub struct Owed<K> {
+    pub key: K,
+    pub inverse: ExecStep,
 }
+
+/// The compensation rule, one home for the executor and for runs split over two processes
+/// (the engine's `recipe run --phase pre|post`): once op `op` succeeded as a step, every owed
+/// inverse of its name is settled (running an undo as a normal step settles the ops it
+/// undoes), and `op`'s own inverse, if it has one, is owed from then on under `key`. Owed
+/// inverses run newest first when a workflow stops.
+pub fn owe_after_success<K>(owed: &mut Vec<Owed<K>>, key: K, op: &ExecStep) {
+    settle_owed(owed, &op.id);
+    if let Some(inverse) = &op.inverse {
+        owed.push(Owed {
+            key,
+            inverse: (**inverse).clone(),
+        });
+    }
+}
+
+/// The half of [`owe_after_success`] for an op whose own inverse is tracked elsewhere: the
+/// owed inverses named `op_id` are settled by its success.
+pub fn settle_owed<K>(owed: &mut Vec<Owed<K>>, op_id: &str) {
+    owed.retain(|o| o.inverse.id != op_id);
+}
+
+type Compensation = Owed<usize>;
 
 impl<'r, R: StepRunner> Executor<'r, R> {
     pub fn new(runner: &'r R, options: ExecOptions) -> Self {
@@ -355,7 +380,7 @@ impl<'r, R: StepRunner> Executor<'r, R> {
                 for running in &background {
                     if let Some(failure) = self.lost_before_capture(running).await {
                         // Not running any more: nothing to undo, nothing to end.
-                        compensation.retain(|c| c.record != running.record);
+                        compensation.retain(|c| c.key != running.record);
                         let record = &mut records[running.record];
                         record.outcome = StepOutcome::Failed;
                         record.error = Some(failure.0);
@@ -432,13 +457,7 @@ impl<'r, R: StepRunner> Executor<'r, R> {
                 && ok
             {
                 // Running an undo as a normal step settles the ops it undoes.
-                compensation.retain(|c| c.inverse.id != exec.id);
-                if let Some(inverse) = &exec.inverse {
-                    compensation.push(Compensation {
-                        record: index_of_record,
-                        inverse: (**inverse).clone(),
-                    });
-                }
+                owe_after_success(&mut compensation, index_of_record, exec);
                 if let Some(ended) = &exec.ends
                     && let Some(position) = background.iter().position(|r| &r.id == ended)
                 {
@@ -468,9 +487,9 @@ impl<'r, R: StepRunner> Executor<'r, R> {
                 let mut record = self
                     .exec(&undo.inverse, StepKind::Compensation, Phase::Compensation)
                     .await;
-                record.name = format!("{} (undo {})", undo.inverse.id, records[undo.record].name);
+                record.name = format!("{} (undo {})", undo.inverse.id, records[undo.key].name);
                 if record.ok() {
-                    records[undo.record].outcome = StepOutcome::Compensated;
+                    records[undo.key].outcome = StepOutcome::Compensated;
                 }
                 records.push(record);
             }
@@ -922,3 +941,47 @@ fn opt_millis<S: serde::Serializer>(
 #[cfg(test)]
 #[path = "executor_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod compensation_rule_tests {
+    use super::*;
+    use crate::model::{OnError, Target};
+
+    fn op(id: &str, inverse: Option<&str>) -> ExecStep {
+        ExecStep {
+            id: id.into(),
+            target: Target::Guest,
+            container: None,
+            argv: vec!["true".into()],
+            env: Vec::new(),
+            stdin: None,
+            timeout: Duration::from_secs(1),
+            on_error: OnError::Fail,
+            essential: true,
+            background: false,
+            ends: None,
+            inverse: inverse.map(|i| Box::new(op(i, None))),
+        }
+    }
+
+    #[test]
+    fn an_inverse_is_owed_after_its_op_succeeded_until_an_op_of_its_name_succeeds() {
+        let mut owed: Vec<Owed<&'static str>> = Vec::new();
+        owe_after_success(&mut owed, "lock", &op("db/lock", Some("db/unlock")));
+        owe_after_success(&mut owed, "flush", &op("db/flush", Some("db/unflush")));
+        owe_after_success(&mut owed, "plain", &op("db/plain", None));
+        fn keys(owed: &[Owed<&'static str>]) -> Vec<&'static str> {
+            owed.iter().map(|o| o.key).collect()
+        }
+        assert_eq!(
+            keys(&owed),
+            ["lock", "flush"],
+            "oldest first; no inverse, nothing owed"
+        );
+        // Running the undo as a step settles it.
+        owe_after_success(&mut owed, "unlock", &op("db/unlock", None));
+        assert_eq!(keys(&owed), ["flush"]);
+        settle_owed(&mut owed, "db/unflush");
+        assert!(owed.is_empty());
+    }
+}

@@ -34,7 +34,7 @@ pub async fn run(ctx: &Context, args: CheckArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let vm = ctx.platforms().resolve(&args.vm)?;
-    let report = preflight::gather(vm.as_ref(), recipe)
+    let report = preflight::gather_with_leases(vm.as_ref(), recipe, Some(&ctx.runtime_root))
         .await
         .with_context(|| format!("cannot check VM `{}`", args.vm))?;
     // A VM that does not run cannot be backed up at any level (`backup` fails on it): saying
