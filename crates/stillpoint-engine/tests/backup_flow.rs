@@ -24,7 +24,8 @@ use stillpoint_engine::freeze::GuardContext;
 use stillpoint_engine::guardian::{GUARDIAN_READY, GuardianCommand};
 use stillpoint_platform::capture::{
     ByteRange, Capture, CaptureInventory, CaptureMode, CapturePlan, CaptureRequest, CapturedDisk,
-    DiskInfo, FinishReport, FullReason, PlannedDisk, PreparedCapture, StartReport, StartedCapture,
+    DeadCaptureRelease, DiskInfo, FinishReport, FullReason, PlannedDisk, PreparedCapture,
+    StartReport, StartedCapture,
 };
 use stillpoint_platform::{
     DiskIdentity, GuestAgent, PlatformError, PlatformErrorKind, PlatformKind, Platforms, RunState,
@@ -128,6 +129,10 @@ impl Vm for FakeVm {
         Some(Arc::new(FakeCapture {
             world: self.world.clone(),
         }))
+    }
+    /// Nothing of a fake capture outlives the test: no capture guardian is started.
+    fn dead_capture_release(&self) -> Option<Arc<dyn DeadCaptureRelease>> {
+        None
     }
     async fn definition(&self) -> stillpoint_platform::Result<Option<VmDefinition>> {
         Ok(None)
@@ -846,6 +851,7 @@ async fn a_guest_frozen_by_someone_else_is_reported_frozen_not_blocked() {
             guardian_pid: None,
             thaw: true,
             resume_if_paused: false,
+            release_capture: false,
         },
     )
     .unwrap();
