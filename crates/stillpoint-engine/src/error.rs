@@ -89,15 +89,5 @@ impl EngineError {
     }
 }
 
-/// An error and its causes on one line, for facts, notes and reports (which hold text, not a
-/// chain of errors).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+/// An error and its causes on one line (the one formatter, in `stillpoint-os`).
+pub use stillpoint_os::error_chain;

@@ -23,6 +23,7 @@
 
 use std::future::Future;
 use std::time::Duration;
+use stillpoint_os::error_chain;
 
 use serde::Serialize;
 use serde_json::{Value as Json, json};
@@ -903,17 +904,6 @@ fn excerpt(outcome: &ExecOutcome) -> Option<String> {
         .map(|(name, text)| format!("{name}: {}", cut(text)))
         .collect();
     (!parts.is_empty()).then(|| parts.join(" | "))
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn secs(duration: Duration) -> String {
