@@ -1,18 +1,17 @@
 //! `stillpoint recipe validate|plan` and `stillpoint annotations`, run as the real binary.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
+
+use std::process::Output;
+
+use support::{stillpoint_command, workspace};
 
 fn stillpoint(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+    stillpoint_command()
         .args(args)
         .current_dir(workspace())
         .output()
         .expect("run stillpoint")
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn stdout(output: &Output) -> String {

@@ -3,30 +3,19 @@
 //! usage error), and the test recipes of `vm_application.rs` stay valid. The runs against a
 //! real guest are in `vm_application.rs`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use std::path::Path;
+use std::process::Output;
+use support::{stillpoint_command, text, workspace};
 
 fn stillpoint(runtime: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+    stillpoint_command()
         .args(args)
         .env("STILLPOINT_RUNTIME_DIR", runtime)
-        .env_remove("STILLPOINT_CONFIG")
         .current_dir(workspace())
         .output()
         .expect("run stillpoint")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 #[test]

@@ -17,6 +17,7 @@
 #![cfg(feature = "vm-tests")]
 
 mod backup_support;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -8,6 +8,7 @@
 #![cfg(feature = "vm-tests")]
 
 mod backup_support;
+mod support;
 
 use std::process::Command;
 use std::time::Duration;

@@ -13,6 +13,7 @@
 #![cfg(feature = "vm-tests")]
 
 mod backup_support;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,12 +3,15 @@
 //! level `check` reports matches what the agent allows.
 #![cfg(feature = "vm-tests")]
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use stillpoint_qga::FreezeStatus;
 use stillpoint_testvm::{LaunchedVm, VmConfig, wait_until};
+use support::{stillpoint_command, text};
 
 /// A guest shell loop that appends to /data (frozen by a freeze) and reports each completed
 /// write on the console (not frozen), so the host can watch it while the guest is frozen.
@@ -16,30 +19,16 @@ const WRITER: &str = "i=0; while :; do i=$((i+1)); echo $i >> /data/ticks; \
                       echo \"stillpoint-writer $i\" > /dev/console; sleep 0.05; done";
 
 fn stillpoint(runtime_root: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+    stillpoint_command()
         .args(args)
         .env("STILLPOINT_RUNTIME_DIR", runtime_root)
-        .env_remove("STILLPOINT_CONFIG")
         .current_dir(runtime_root)
         .output()
         .expect("the stillpoint binary runs")
 }
 
-fn text(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
 fn runtime_root(vm: &LaunchedVm) -> PathBuf {
-    vm.dir()
-        .parent()
-        .and_then(Path::parent)
-        .expect("<root>/vms/<name>")
-        .to_path_buf()
+    vm.runtime_root().to_path_buf()
 }
 
 /// Asks the agent for its freeze status on a fresh connection, then lets go of the channel

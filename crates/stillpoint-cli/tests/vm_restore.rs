@@ -10,6 +10,8 @@
 //! restore stages).
 #![cfg(feature = "vm-tests")]
 
+mod support;
+
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,7 @@ use std::time::Duration;
 use serde_json::Value;
 use stillpoint_qga::ExecRequest;
 use stillpoint_testvm::{LaunchedVm, VmConfig};
+use support::{stillpoint_command, text};
 
 const PASSWORD: &str = "restore vm tests";
 const HELLO: &str = "restored by stillpoint\n";
@@ -40,14 +43,13 @@ impl Bench {
     }
 
     fn stillpoint(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+        stillpoint_command()
             .args(args)
             .env("STILLPOINT_RUNTIME_DIR", &self.root)
             .env("STILLPOINT_PASSWORD", PASSWORD)
             .env("STILLPOINT_REPO", self.path("repo"))
             // Temporary files of the boot test land here, so the test can see them go.
             .env("TMPDIR", self.path("tmp"))
-            .env_remove("STILLPOINT_CONFIG")
             .current_dir(self.work.path())
             .output()
             .expect("the stillpoint binary runs")
@@ -62,15 +64,6 @@ impl Bench {
         serde_json::from_slice(&output.stdout)
             .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(&output)))
     }
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 fn tool(program: &str, args: &[&str], image: &Path) -> Output {
@@ -178,12 +171,7 @@ async fn a_filesystem_snapshot_restores_raw_and_qcow2_the_script_starts_it_and_i
     let vm = LaunchedVm::boot_for_test(VmConfig::new("restore-src"))
         .await
         .expect("the source VM boots");
-    let root = vm
-        .dir()
-        .parent()
-        .and_then(Path::parent)
-        .expect("<root>/vms/<name>")
-        .to_path_buf();
+    let root = vm.runtime_root().to_path_buf();
     let bench = Bench {
         vm,
         root,
@@ -412,13 +400,11 @@ async fn a_filesystem_snapshot_restores_raw_and_qcow2_the_script_starts_it_and_i
 
 /// A `stillpoint` with its repository and scratch in `work` (no VM needed).
 fn stillpoint_in(work: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_stillpoint"));
+    let mut command = stillpoint_command();
     command
         .env("STILLPOINT_PASSWORD", PASSWORD)
         .env("STILLPOINT_REPO", work.join("repo"))
         .env("STILLPOINT_RUNTIME_DIR", work.join("runtime"))
-        .env_remove("STILLPOINT_CONFIG")
-        .env_remove("FAILPOINTS")
         .current_dir(work);
     command
 }

@@ -49,12 +49,7 @@ impl Guest {
         let launched = LaunchedVm::boot_for_test(VmConfig::new(name))
             .await
             .unwrap_or_else(|error| panic!("the test VM must boot: {error}"));
-        let runtime_root = launched
-            .dir()
-            .parent()
-            .and_then(Path::parent)
-            .expect("<root>/vms/<name>")
-            .to_path_buf();
+        let runtime_root = launched.runtime_root().to_path_buf();
         let spec = QemuInventory::new(Vec::new(), runtime_root.clone())
             .find(name)
             .expect("the launched VM is in the inventory");

@@ -11,12 +11,7 @@ use stillpoint_testvm::{LaunchedVm, VmConfig};
 const MIB: u64 = 1 << 20;
 
 fn platforms_for(vm: &LaunchedVm) -> Platforms {
-    let root = vm
-        .dir()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_path_buf();
+    let root = vm.runtime_root().to_path_buf();
     Platforms::new(QemuInventory::new(vec![], root))
 }
 

@@ -407,6 +407,15 @@ impl LaunchedVm {
         &self.dir
     }
 
+    /// The runtime root it was launched under: `<root>` of `<root>/vms/<name>/`, what
+    /// `STILLPOINT_RUNTIME_DIR` names for a `stillpoint` that should find it.
+    pub fn runtime_root(&self) -> &Path {
+        self.dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&self.dir)
+    }
+
     /// The QMP socket.
     pub fn qmp_socket(&self) -> &Path {
         &self.record.qmp_socket

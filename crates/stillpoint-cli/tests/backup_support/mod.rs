@@ -1,4 +1,5 @@
-//! What the backup VM tests share: the real `stillpoint` binary run against a test VM's
+//! What the backup VM tests share (on top of `support`, which every test binary using this
+//! module declares too): the real `stillpoint` binary run against a test VM's
 //! runtime root and a fresh repository, the restored images read with the real e2fsprogs
 //! (`e2fsck`, `dumpe2fs`, `debugfs`), and small guest helpers.
 
@@ -10,6 +11,8 @@ use std::process::{Child, ChildStderr, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use crate::support::stillpoint_command;
+pub use crate::support::text;
 use serde_json::Value;
 use stillpoint_platform::capture::{Capture, CaptureInventory};
 use stillpoint_platform::qemu::QemuInventory;
@@ -38,12 +41,7 @@ impl Bench {
         let vm = LaunchedVm::boot_for_test(config)
             .await
             .expect("the test VM boots");
-        let root = vm
-            .dir()
-            .parent()
-            .and_then(Path::parent)
-            .expect("<root>/vms/<name>")
-            .to_path_buf();
+        let root = vm.runtime_root().to_path_buf();
         let bench = Self {
             vm,
             root,
@@ -59,14 +57,10 @@ impl Bench {
     }
 
     pub fn command(&self) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_stillpoint"));
+        let mut command = stillpoint_command();
         command
             .env("STILLPOINT_RUNTIME_DIR", &self.root)
             .env("STILLPOINT_PASSWORD", PASSWORD)
-            .env_remove("STILLPOINT_CONFIG")
-            .env_remove("STILLPOINT_REPO")
-            .env_remove("FAILPOINTS")
-            .env_remove("RUST_LOG")
             .current_dir(self.dir.path())
             .arg("--repo")
             .arg(self.dir.path().join("repo"));
@@ -346,15 +340,6 @@ fn report_of(output: &Output) -> Value {
         }
         other => other,
     }
-}
-
-pub fn text(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// The report's disk `id`.
