@@ -485,7 +485,14 @@ impl GuardedFreeze {
             guard.lease(vm, Some(freeze_timeout + hold_limit), true, true);
         guard.start_guardian(&lease_path, &mut lease).await?;
         let started = Instant::now();
-        match agent.freeze(freeze_timeout).await {
+        let in_flight = FreezeCallInFlight {
+            lease_path: lease_path.clone(),
+            token: lease.token.clone(),
+            agent: Some(agent.clone()),
+        };
+        let frozen = agent.freeze(freeze_timeout).await;
+        in_flight.disarm();
+        match frozen {
             Ok(filesystems) => Ok(Self {
                 agent,
                 lease_path,
@@ -539,6 +546,44 @@ impl GuardedFreeze {
                     .with_source(error)),
                 )
             }
+        }
+    }
+}
+
+/// The agent's freeze call of [`GuardedFreeze::freeze`], while it runs. If the future is
+/// dropped meanwhile (a caller's timeout cancels it), the guest may be frozen with nobody left
+/// to thaw it but the guardian — which would otherwise wait for the lease's deadline and then
+/// stop this process. So the drop hands the thaw over at once (`thaw_now`, as a freeze call
+/// that timed out does) and lets go of the agent channel, which the guardian needs.
+struct FreezeCallInFlight {
+    lease_path: PathBuf,
+    token: String,
+    agent: Option<std::sync::Arc<dyn GuestAgent>>,
+}
+
+impl FreezeCallInFlight {
+    /// The call returned: its result decides what happens next.
+    fn disarm(mut self) {
+        self.agent = None;
+    }
+}
+
+impl Drop for FreezeCallInFlight {
+    fn drop(&mut self) {
+        let Some(agent) = self.agent.take() else {
+            return;
+        };
+        if let Ok(Some(mut lease)) = guardian::read_lease(&self.lease_path)
+            && lease.token == self.token
+        {
+            lease.thaw_now = true;
+            let _ = guardian::write_lease(&self.lease_path, &lease);
+        }
+        tracing::warn!(
+            "the freeze call was abandoned while it ran; the guardian thaws as soon as the agent answers"
+        );
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move { agent.release().await });
         }
     }
 }

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use stillpoint_engine::EngineErrorKind;
 use stillpoint_engine::backup::{BackupEnv, BackupJob, BackupOutcome, NoProgress, backup_vm_on};
 use stillpoint_engine::consistency::{Indication, Level, OnQuiesceFailure};
-use stillpoint_engine::freeze::GuardContext;
+use stillpoint_engine::freeze::{GuardContext, GuardedFreeze};
 use stillpoint_engine::guardian::{GUARDIAN_READY, GuardianCommand};
 use stillpoint_platform::capture::{
     ByteRange, Capture, CaptureInventory, CaptureMode, CapturePlan, CaptureRequest, CapturedDisk,
@@ -44,6 +44,8 @@ enum FreezeFault {
     None,
     Refused,
     TimesOut,
+    /// The call never returns (a freeze hook that hangs, with no timeout of the agent's own).
+    Hangs,
 }
 
 /// What the fakes are told to do, and what they saw. Shared by the fake VM, agent, capture
@@ -217,6 +219,7 @@ impl GuestAgent for FakeAgent {
             FreezeFault::TimesOut => Err(agent_error(stillpoint_qga::ErrorKind::Timeout {
                 after: timeout,
             })),
+            FreezeFault::Hangs => std::future::pending().await,
         }
     }
     async fn thaw(&self) -> stillpoint_qga::Result<u32> {
@@ -863,5 +866,40 @@ async fn a_guest_frozen_by_someone_else_is_reported_frozen_not_blocked() {
         why.contains("by a stillpoint freeze (pid 4242) 30 s ago")
             && why.contains("until `stillpoint unfreeze`"),
         "{why}"
+    );
+}
+
+/// A caller that gives up on the freeze while the agent's call still runs (its timeout drops
+/// the future) leaves the thaw to the guardian at once — not at the lease's deadline, when
+/// the guardian would stop this process.
+#[tokio::test]
+async fn a_freeze_call_abandoned_while_it_runs_hands_the_thaw_to_the_guardian_at_once() {
+    let mut world = World::new();
+    world.freeze_fault = FreezeFault::Hangs;
+    let bench = Bench::new(world);
+    let env = bench.env();
+    let vm = FakeVm {
+        reference: VmRef {
+            platform: PlatformKind::Qemu,
+            name: "fake".into(),
+        },
+        world: bench.world.clone(),
+    };
+    let agent = vm.agent().expect("the fake has an agent");
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(200),
+        GuardedFreeze::freeze(&vm, agent, &env.guard, env.freeze_timeout, env.hold_limit),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the fake's freeze call never returns");
+    let lease = stillpoint_engine::guardian::read_lease(&stillpoint_engine::guardian::lease_path(
+        &env.guard.runtime_root,
+        "fake",
+    ))
+    .unwrap()
+    .expect("the lease stays for the guardian");
+    assert!(
+        lease.thaw_now,
+        "the guardian is told to thaw now: {lease:?}"
     );
 }
