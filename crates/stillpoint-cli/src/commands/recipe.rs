@@ -131,6 +131,7 @@ async fn run_phase(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(namespace) = &args.namespace {
         tracing::debug!("--namespace {namespace} is not used on local platforms");
     }
+    crate::context::check_vm_argument("--name", &args.name)?;
     let vm = ctx.platforms().resolve(&args.name)?;
     let env = PhaseEnv {
         guard: ctx.guard_context()?,

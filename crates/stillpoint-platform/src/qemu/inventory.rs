@@ -63,6 +63,11 @@ impl QemuInventory {
         if let Some(spec) = self.configured.iter().find(|spec| spec.name == name) {
             return Ok(spec.clone());
         }
+        // A launched VM's name becomes a path under the runtime root: never one that leads
+        // out of it (the CLI checks its arguments too; this guards every other caller).
+        if let Err(invalid) = stillpoint_os::names::validate_name("VM name", name) {
+            return Err(PlatformError::vm_not_found(name, invalid));
+        }
         let vm_json = self.runtime_root.join("vms").join(name).join("vm.json");
         if vm_json.exists() {
             return read_vm_json(&vm_json);
@@ -130,6 +135,19 @@ mod tests {
         let path = dir.join("vm.json");
         std::fs::write(&path, body).unwrap();
         path
+    }
+
+    #[test]
+    fn a_name_that_leads_out_of_the_runtime_root_is_never_looked_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("run");
+        // A vm.json where `../outside` would lead.
+        write_vm(dir.path(), "outside", "{}");
+        std::fs::create_dir_all(root.join("vms")).unwrap();
+        let inventory = QemuInventory::new(Vec::new(), root);
+        let error = inventory.find("../../vms/outside").unwrap_err();
+        assert_eq!(error.kind(), crate::PlatformErrorKind::VmNotFound);
+        assert!(error.to_string().contains("must be letters, digits"), "{error}");
     }
 
     #[test]
