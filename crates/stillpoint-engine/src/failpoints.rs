@@ -28,7 +28,12 @@ pub const CAPTURE_START: &str = "backup::capture-start";
 pub const DURING_COPY: &str = "backup::during-copy";
 
 /// Every point, for documentation and tests.
-pub const ALL: [&str; 3] = [AFTER_FREEZE, CAPTURE_START, DURING_COPY];
+pub const ALL: [&str; 4] = [
+    AFTER_FREEZE,
+    CAPTURE_START,
+    DURING_COPY,
+    crate::restore::FAILPOINT_DISK_STAGED,
+];
 
 /// A point that may delay (`pause`, `sleep`) but not fail: where an early return would skip
 /// a step that must run (the thaw after a freeze). `return` is ignored here, with a warning.
