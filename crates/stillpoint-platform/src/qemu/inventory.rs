@@ -147,7 +147,10 @@ mod tests {
         let inventory = QemuInventory::new(Vec::new(), root);
         let error = inventory.find("../../vms/outside").unwrap_err();
         assert_eq!(error.kind(), crate::PlatformErrorKind::VmNotFound);
-        assert!(error.to_string().contains("must be letters, digits"), "{error}");
+        assert!(
+            error.to_string().contains("must be letters, digits"),
+            "{error}"
+        );
     }
 
     #[test]
