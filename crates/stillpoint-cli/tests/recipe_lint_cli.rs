@@ -129,7 +129,7 @@ fn validate_reports_the_findings_as_warnings_and_still_exits_0() {
         text(&output)
     );
     assert!(
-        out.contains("valid for platform qemu (1 warning(s))"),
+        out.contains("valid for platform qemu (2 warning(s))"),
         "{}",
         text(&output)
     );

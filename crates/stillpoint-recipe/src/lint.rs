@@ -300,25 +300,40 @@ pub fn backup_session_not_held(hook: &Hook, op: &Op, text: &str) -> Option<Findi
 static FREEZE_COMMAND: LazyLock<Regex> =
     LazyLock::new(|| regex(r"\b(?:fsfreeze|xfs_freeze)((?:\s+[^\s;&|()<>]+)*)"));
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// The guest freezes a host can ask for: libvirt's `virsh domfsfreeze` / `domfsthaw`, and the
+/// agent's own commands sent with `virsh qemu-agent-command` (or any other agent client).
+static AGENT_FREEZE_COMMAND: LazyLock<Regex> =
+    LazyLock::new(|| regex(r"\b(?:domfs(freeze|thaw)\b|guest-fsfreeze-(freeze|thaw)(?:-list)?\b)"));
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum FreezeAction {
     Freeze,
     Thaw,
 }
 
-/// What the command's `fsfreeze` calls do, in order.
-fn freeze_actions(text: &str) -> Vec<FreezeAction> {
-    FREEZE_COMMAND
-        .captures_iter(text)
-        .filter_map(|c| {
+/// What an op's command does to the guest's filesystems, in order: `fsfreeze -f|-u` when it
+/// runs in the guest (on the host it would freeze a host filesystem), and the agent's freeze
+/// and thaw wherever it runs.
+fn freeze_actions(target: Target, text: &str) -> Vec<FreezeAction> {
+    let action = |word: &str| match word {
+        "-f" | "--freeze" | "freeze" => Some(FreezeAction::Freeze),
+        "-u" | "--unfreeze" | "thaw" => Some(FreezeAction::Thaw),
+        _ => None,
+    };
+    let mut actions: Vec<(usize, FreezeAction)> = Vec::new();
+    if target == Target::Guest {
+        actions.extend(FREEZE_COMMAND.captures_iter(text).filter_map(|c| {
             let words = c.get(1).map_or("", |m| m.as_str());
-            words.split_whitespace().find_map(|word| match word {
-                "-f" | "--freeze" => Some(FreezeAction::Freeze),
-                "-u" | "--unfreeze" => Some(FreezeAction::Thaw),
-                _ => None,
-            })
-        })
-        .collect()
+            let found = words.split_whitespace().find_map(action)?;
+            Some((c.get(0)?.start(), found))
+        }));
+    }
+    actions.extend(AGENT_FREEZE_COMMAND.captures_iter(text).filter_map(|c| {
+        let word = c.get(1).or_else(|| c.get(2))?;
+        Some((c.get(0)?.start(), action(word.as_str())?))
+    }));
+    actions.sort_by_key(|(at, _)| *at);
+    actions.into_iter().map(|(_, a)| a).collect()
 }
 
 /// Rule `filesystem-frozen-by-recipe`: a non-background guest op freezes a filesystem and
@@ -326,18 +341,19 @@ fn freeze_actions(text: &str) -> Vec<FreezeAction> {
 /// filesystem itself, through the guest agent, around the capture — with a guardian that thaws
 /// if stillpoint dies; a freeze of the recipe's own is outside all of that: the agent finds the
 /// filesystem already frozen, its thaw after the capture thaws it early, and a workflow that
-/// stops between the freeze op and the thaw op leaves the guest frozen. Host ops are not
-/// checked: a host filesystem is not the guest's.
+/// stops between the freeze op and the thaw op leaves the guest frozen. A host op's `fsfreeze`
+/// is not checked (a host filesystem is not the guest's); its `virsh domfsfreeze` or
+/// `guest-fsfreeze-freeze` freezes the guest and is.
 pub fn filesystem_frozen_by_recipe(
     recipe: &Recipe,
     hook: &Hook,
     op: &Op,
     text: &str,
 ) -> Option<Finding> {
-    if op.background || hook.target.value != Target::Guest {
+    if op.background {
         return None;
     }
-    if freeze_actions(text).last() != Some(&FreezeAction::Freeze) {
+    if freeze_actions(hook.target.value, text).last() != Some(&FreezeAction::Freeze) {
         return None;
     }
     let thawed_by: Vec<String> = recipe
@@ -345,7 +361,9 @@ pub fn filesystem_frozen_by_recipe(
         .iter()
         .flat_map(|h| h.ops.iter().map(move |o| (h, o)))
         .filter(|(_, o)| !std::ptr::eq(*o, op))
-        .filter(|(_, o)| freeze_actions(&command_text(o)).contains(&FreezeAction::Thaw))
+        .filter(|(h, o)| {
+            freeze_actions(h.target.value, &command_text(o)).contains(&FreezeAction::Thaw)
+        })
         .map(|(h, o)| format!("`{}`", op_id(h, o)))
         .collect();
     let thaw = if thawed_by.is_empty() {
@@ -358,7 +376,7 @@ pub fn filesystem_frozen_by_recipe(
         op: op_id(hook, op),
         pos: op_pos(op),
         message: format!(
-            "op `{}` freezes a guest filesystem with fsfreeze {thaw}: stillpoint freezes every guest filesystem itself, through the guest agent, around the capture (with a guardian that thaws if stillpoint dies); a freeze of the recipe's own outlives the op, is thawed early by the capture's thaw, and stays if the workflow stops before the thaw op. Remove the freeze and thaw ops and back up with --consistency filesystem or application; to run something at the freeze itself, use the agent's fsfreeze hook scripts",
+            "op `{}` freezes a guest filesystem {thaw}: stillpoint freezes every guest filesystem itself, through the guest agent, around the capture (with a guardian that thaws if stillpoint dies); a freeze of the recipe's own outlives the op, is thawed early by the capture's thaw, and stays if the workflow stops before the thaw op. Remove the freeze and thaw ops and back up with --consistency filesystem or application; to run something at the freeze itself, use the agent's fsfreeze hook scripts",
             op_id(hook, op)
         ),
     })
@@ -523,6 +541,34 @@ mod tests {
             "    - name: first\n      command: [fsfreeze, -f, /srv/images]",
         );
         assert_eq!(rules_of(&host), &[] as &[LintRule]);
+    }
+
+    #[test]
+    fn a_host_op_freezing_the_guest_through_libvirt_or_the_agent_is_flagged() {
+        for command in [
+            "[virsh, domfsfreeze, vm1]",
+            "[virsh, domfsfreeze, vm1, --mountpoint, /data]",
+            r#"[virsh, qemu-agent-command, vm1, '{"execute":"guest-fsfreeze-freeze"}']"#,
+            r#"[virsh, qemu-agent-command, vm1, '{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/data"]}}']"#,
+        ] {
+            let host = recipe(
+                "host",
+                &format!("    - name: first\n      command: {command}"),
+            );
+            assert_eq!(rules_of(&host), FREEZE, "{command}");
+        }
+        for command in [
+            "[virsh, domfsthaw, vm1]",
+            r#"[virsh, qemu-agent-command, vm1, '{"execute":"guest-fsfreeze-status"}']"#,
+            r#"[virsh, qemu-agent-command, vm1, '{"execute":"guest-fsfreeze-thaw"}']"#,
+            "[/bin/sh, -c, 'virsh domfsfreeze vm1 && virsh snapshot-create-as vm1 s --disk-only; virsh domfsthaw vm1']",
+        ] {
+            let host = recipe(
+                "host",
+                &format!("    - name: first\n      command: {command}"),
+            );
+            assert_eq!(rules_of(&host), &[] as &[LintRule], "{command}");
+        }
     }
 
     #[test]
