@@ -1,7 +1,7 @@
 //! The lint against a corpus of recipes that hold nothing: each `tests/lint/NAME.yaml` is a valid
 //! recipe with beside it `NAME.expected`, the exact findings (`NAME.yaml:LINE:COLUMN: warning:
 //! message [rule]`) the lint must report. A first-line comment `# platform: kubevirt` gives the
-//! platform. Set `BLESS=1` to rewrite the expected files after reviewing a deliberate change.
+//! platform. A Pod manifest (Velero hook annotations) is linted the same way. Set `BLESS=1` to rewrite the expected files after reviewing a deliberate change.
 
 use std::path::Path;
 
@@ -42,8 +42,10 @@ fn every_lint_corpus_recipe_is_valid_and_reports_exactly_its_expected_findings()
             .iter()
             .map(|f| format!("{}\n", f.diagnostic().render(&name)))
             .collect();
-        // `validate` reports the same findings among its warnings.
-        for line in actual.lines() {
+        // `validate` reports the same findings among its warnings (for a recipe; a Pod's
+        // annotations have no positions to report them at, so only `recipe lint` lists them).
+        let is_pod = source.lines().any(|l| l == "kind: Pod");
+        for line in actual.lines().filter(|_| !is_pod) {
             let rendered: Vec<String> = diagnostics.iter().map(|d| d.render(&name)).collect();
             assert!(
                 rendered.iter().any(|r| r == line),
