@@ -90,6 +90,7 @@ pub fn check_source(source: &str, options: &ValidateOptions) -> (Option<Recipe>,
     let mut diagnostics = parsed.diagnostics;
     if let Some(recipe) = &parsed.recipe {
         diagnostics.extend(validate(recipe, options));
+        diagnostics.extend(crate::lint::lint_diagnostics(recipe));
     }
     sort_diagnostics(&mut diagnostics);
     diagnostics.dedup();

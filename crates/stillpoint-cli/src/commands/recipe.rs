@@ -35,6 +35,10 @@ pub enum RecipeCommand {
     /// steps before the capture and leaves the guest frozen for the platform's snapshot,
     /// `--phase post` thaws and runs the rest.
     Run(RunArgs),
+    /// Find locks that do not hold: ops that take a session-scoped lock (FLUSH TABLES WITH READ
+    /// LOCK, pg_backup_start …) or freeze a filesystem in a one-shot command. Exits 3 when it
+    /// finds one, 1 when the file cannot be read or is not a valid recipe.
+    Lint(LintArgs),
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +128,7 @@ pub async fn run(ctx: &Context, args: RecipeArgs) -> anyhow::Result<ExitCode> {
         RecipeCommand::Validate(args) => validate(ctx, args),
         RecipeCommand::Plan(args) => plan(ctx, args),
         RecipeCommand::Run(args) => run_phase(ctx, args).await,
+        RecipeCommand::Lint(args) => lint(ctx, args),
     }
 }
 
@@ -403,4 +408,51 @@ fn plan(ctx: &Context, args: PlanArgs) -> anyhow::Result<ExitCode> {
         println!("{:>3}. {line}", index + 1);
     }
     Ok(ExitCode::from(EXIT_OK))
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "The rules (session-lock-not-held, backup-session-not-held, \
+    filesystem-frozen-by-recipe) are described in docs/recipes.md, \"Lint: locks that do not hold\". \
+    `recipe validate` reports the same findings as warnings.\n\n\
+    Exit codes: 0 nothing found; 3 findings (the backups would not reach the consistency the \
+    recipe aims for); 1 the file cannot be read or is not a valid recipe."
+)]
+pub struct LintArgs {
+    /// The recipe (kind: Recipe) or Pod manifest (kind: Pod) to lint.
+    pub file: PathBuf,
+    /// The platform the recipe will run on (the recipe must be valid for it).
+    #[arg(long, default_value = "qemu", value_parser = parse_platform)]
+    pub platform: Platform,
+}
+
+/// `recipe lint`: the lint's findings only (validate's other warnings are `validate`'s job).
+fn lint(ctx: &Context, args: LintArgs) -> anyhow::Result<ExitCode> {
+    let source = read(&args.file)?;
+    let options = ValidateOptions {
+        platform: args.platform,
+        disks: None,
+    };
+    let file = args.file.display().to_string();
+    let (recipe, diagnostics) = check_any_source(&source, &options);
+    let Some(recipe) = recipe else {
+        for diagnostic in diagnostics.iter().filter(|d| d.severity == Severity::Error) {
+            eprintln!("{}", diagnostic.render(&file));
+        }
+        anyhow::bail!("{file} is not a valid recipe; run `stillpoint recipe validate {file}`");
+    };
+    let findings = stillpoint_recipe::lint::lint(&recipe);
+    if ctx.global.json {
+        print_json(&serde_json::json!({ "file": file, "findings": findings }))?;
+    } else {
+        for finding in &findings {
+            println!("{}", finding.diagnostic().render(&file));
+        }
+        println!("{file}: {} lint finding(s)", findings.len());
+    }
+    Ok(ExitCode::from(if findings.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_DEGRADED
+    }))
 }
