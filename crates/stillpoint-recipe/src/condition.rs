@@ -572,6 +572,29 @@ mod tests {
     }
 
     #[test]
+    fn filters_reach_into_a_commands_json_output() {
+        // The document the executor builds for a check on a VM: `json` is stdout parsed.
+        let result = json!({"exitCode": 0, "stdout": "…", "stderr": "", "json": {"volumes": [
+            {"name": "data", "state": "mounted", "free": 512},
+            {"name": "logs", "state": "ro", "free": 3}
+        ]}});
+        assert_eq!(
+            holds(
+                r#"{$.exitCode} == 0 && {$.json.volumes[?(@.name=="data")].state} == {mounted}"#,
+                &result
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            holds(
+                r#"{$.json.volumes[?(@.free < 10)].name} == {"logs"}"#,
+                &result
+            ),
+            Ok(true)
+        );
+    }
+
+    #[test]
     fn a_path_matching_several_values_does_not_compare_and_says_so() {
         let doc = json!({"items": [{"ready": true}, {"ready": true}]});
         let error = holds("{$.items[*].ready} == true", &doc).unwrap_err();

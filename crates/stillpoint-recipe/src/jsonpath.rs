@@ -110,6 +110,7 @@ impl JsonPath {
             chars: &chars,
             at: 0,
             in_filter: false,
+            depth: 0,
         };
         if let Some(word) = parser.keyword() {
             return error(
@@ -143,7 +144,11 @@ struct PathParser<'a> {
     chars: &'a [char],
     at: usize,
     in_filter: bool,
+    /// Filters inside filters, bounded so that no input can exhaust the stack.
+    depth: usize,
 }
+
+const MAX_FILTER_DEPTH: usize = 16;
 
 impl PathParser<'_> {
     fn peek(&self) -> Option<char> {
@@ -298,9 +303,16 @@ impl PathParser<'_> {
 
     fn filter(&mut self) -> Parsed<Step> {
         let open = self.at;
+        if self.depth == MAX_FILTER_DEPTH {
+            return error(
+                open,
+                format!("filters nest more than {MAX_FILTER_DEPTH} deep"),
+            );
+        }
         self.at += 3;
         let outer = self.in_filter;
         self.in_filter = true;
+        self.depth += 1;
         self.skip_space();
         let left = self.filter_operand()?;
         self.skip_space();
@@ -351,6 +363,7 @@ impl PathParser<'_> {
         }
         self.at += 2;
         self.in_filter = outer;
+        self.depth -= 1;
         Ok(Step::Filter(Box::new(Filter { left, test })))
     }
 

@@ -240,3 +240,51 @@ fn syntax_errors_point_at_the_offending_character() {
         );
     }
 }
+
+#[test]
+fn deeply_nested_filters_are_an_error_not_a_stack_overflow() {
+    let path = format!("$.a{}", "[?(@.b".repeat(10_000));
+    let error = JsonPath::parse(&path).unwrap_err();
+    assert!(error.message.contains("nest more than"), "{error}");
+}
+
+proptest::proptest! {
+    #[test]
+    fn any_text_parses_or_fails_and_selects_without_panic(text in "[$@.a-c0-9*\\[\\]?()='\" ,:<>!&|~-]{0,40}") {
+        let doc = json!({"a": [{"b": 1, "c": "x"}, {"b": [2, {"a": 3}]}], "b": {"c": null}});
+        match JsonPath::parse(&text) {
+            Ok(path) => { let _ = path.select(&doc); }
+            Err(error) => proptest::prop_assert!(error.offset <= text.chars().count(), "{text:?}: {error}"),
+        }
+    }
+}
+
+/// The examples of the dialect table in docs/recipes.md, with what the table says they select.
+#[test]
+fn the_examples_in_docs_recipes_select_what_the_doc_says() {
+    let doc = json!({"items":[{"metadata":{"name":"a","labels":{"kubernetes.io/hostname":"n1"}}},{"metadata":{"name":"b"}}]});
+    let table = [
+        (".items[0].metadata.name", "a"),
+        ("$['items'][1]['metadata.name']", "b"),
+        (".items[0].metadata.labels.kubernetes\\.io/hostname", "n1"),
+        (".items[-1].metadata.name", "b"),
+        (".items[0:1].metadata.name", "a"),
+        (".items[*].metadata.name", "a b"),
+        (".items[0,1].metadata.name", "a b"),
+        ("..name", "a b"),
+        (".items[?(@.metadata.name==\"b\")].metadata.name", "b"),
+        (".items[?(@.metadata.labels)].metadata.name", "a"),
+        (".items.length", ""),
+    ];
+    for (path, expected) in table {
+        assert_eq!(printed(path, &doc), expected, "{{{path}}}");
+    }
+    for unsupported in [
+        "range .items[*]",
+        ".items[?(@.a==1 && @.b==2)]",
+        ".items[?(@.name=~\"db-.*\")]",
+        ".items[?@.type==\"Ready\"]",
+    ] {
+        assert!(JsonPath::parse(unsupported).is_err(), "{unsupported}");
+    }
+}
