@@ -6,7 +6,8 @@
 //! compare as numbers, the strings `true`/`false` (any case) as booleans, operands of different
 //! kinds do not compare, and `<`, `<=`, `>`, `>=` apply to numbers and strings only. A path that
 //! matches nothing yields `null`, which equals only another `null`; a path that matches several
-//! values (through `*`, `..`, a union or a filter) does not compare.
+//! values (through `*`, `..`, a union or a filter) compares its first, as Ramen's
+//! `QueryJSONPath` does.
 //!
 //! The paths are kubectl's JSONPath dialect ([`crate::jsonpath`]): filters
 //! `[?(@.type=="Ready")]`, wildcards, unions, slices, recursive descent; a leading `.` means
@@ -146,11 +147,11 @@ fn describe(operand: &Operand) -> String {
 fn resolve(operand: &Operand, document: &Json) -> Comparable {
     match operand {
         Operand::Literal(text) => normalize(Json::String(text.clone())),
-        Operand::Path(path) => match path.select(document).as_slice() {
-            [] => Comparable::Null,
-            [one] => normalize((*one).clone()),
-            several => Comparable::Several(several.len()),
-        },
+        // Ramen (QueryJSONPath) compares the first value a path selects.
+        Operand::Path(path) => path
+            .select(document)
+            .first()
+            .map_or(Comparable::Null, |first| normalize((*first).clone())),
     }
 }
 
@@ -162,8 +163,6 @@ enum Comparable {
     Text(String),
     Bool(bool),
     Other(&'static str),
-    /// A path that matched this many values.
-    Several(usize),
 }
 
 fn normalize(value: Json) -> Comparable {
@@ -192,16 +191,13 @@ fn normalize(value: Json) -> Comparable {
     }
 }
 
-fn kind(value: &Comparable) -> String {
+fn kind(value: &Comparable) -> &'static str {
     match value {
-        Comparable::Null => "nothing (the path matched no value)".into(),
-        Comparable::Number(_) => "a number".into(),
-        Comparable::Text(_) => "a string".into(),
-        Comparable::Bool(_) => "a boolean".into(),
-        Comparable::Other(kind) => (*kind).into(),
-        Comparable::Several(count) => format!(
-            "{count} values (the path matched more than one: narrow it with a filter or an index)"
-        ),
+        Comparable::Null => "nothing (the path matched no value)",
+        Comparable::Number(_) => "a number",
+        Comparable::Text(_) => "a string",
+        Comparable::Bool(_) => "a boolean",
+        Comparable::Other(kind) => kind,
     }
 }
 
@@ -595,11 +591,11 @@ mod tests {
     }
 
     #[test]
-    fn a_path_matching_several_values_does_not_compare_and_says_so() {
-        let doc = json!({"items": [{"ready": true}, {"ready": true}]});
-        let error = holds("{$.items[*].ready} == true", &doc).unwrap_err();
-        assert!(error.contains("2 values"), "{error}");
-        assert_eq!(holds("{$.items[1].ready} == true", &doc), Ok(true));
+    fn a_path_matching_several_values_compares_its_first_as_ramen_does() {
+        let doc = json!({"items": [{"ready": false, "n": 1}, {"ready": true, "n": 2}]});
+        assert_eq!(holds("{$.items[*].ready} == false", &doc), Ok(true));
+        assert_eq!(holds("{$.items[*].n} == 1", &doc), Ok(true));
+        assert_eq!(holds("{$.items[?(@.n > 1)].ready} == true", &doc), Ok(true));
     }
 
     #[test]
