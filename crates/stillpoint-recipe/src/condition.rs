@@ -591,6 +591,36 @@ mod tests {
     }
 
     #[test]
+    fn a_recipe_with_kubernetes_filter_conditions_validates_and_plans() {
+        let source = r#"apiVersion: ramendr.openshift.io/v1alpha1
+kind: Recipe
+metadata:
+  name: filters
+spec:
+  groups:
+  - name: disks
+    type: volume
+  hooks:
+  - name: app
+    type: check
+    chks:
+    - name: ready
+      command: [/bin/sh, -c, "cat /run/app/status.json"]
+      condition: '{$.json.status.conditions[?(@.type=="Ready")].status} == {"True"}'
+    - name: replicas
+      command: [/bin/sh, -c, "cat /run/app/status.json"]
+      condition: "{$.json.spec.replicas} == {$.json..readyReplicas} && {$.json.items[-1:].phase} != {'Failed'}"
+  workflows:
+  - name: backup
+    sequence: [{hook: app/ready}, {hook: app/replicas}, {group: disks}]
+"#;
+        let (recipe, diagnostics) = crate::check_source(source, &crate::ValidateOptions::default());
+        assert!(diagnostics.is_empty(), "{diagnostics:#?}");
+        let recipe = recipe.unwrap();
+        crate::plan_workflow(&recipe, "backup", &crate::PlanOptions::default()).unwrap();
+    }
+
+    #[test]
     fn a_path_matching_several_values_compares_its_first_as_ramen_does() {
         let doc = json!({"items": [{"ready": false, "n": 1}, {"ready": true, "n": 2}]});
         assert_eq!(holds("{$.items[*].ready} == false", &doc), Ok(true));
