@@ -348,9 +348,14 @@ impl Parser<'_> {
             Some('{') => {
                 self.at += 1;
                 let inner_start = self.at;
-                // Quotes (in a filter, or quoted text) may hold a `}`.
+                // Quotes (in a filter, or quoted text) may hold a `}`; a lone quote in a literal
+                // (`{don't}`) does not, so without a closing `}` outside quotes the first `}` ends it.
                 let mut quote: Option<char> = None;
+                let mut first_close = None;
                 while let Some(c) = self.peek() {
+                    if c == '}' && first_close.is_none() {
+                        first_close = Some(self.at);
+                    }
                     match quote {
                         Some(q) if c == q => quote = None,
                         Some(_) if c == '\\' => self.at += 1,
@@ -362,7 +367,10 @@ impl Parser<'_> {
                     self.at += 1;
                 }
                 if self.peek() != Some('}') {
-                    return Err(ConditionError { offset: start, message: "this `{` is never closed".into() });
+                    match first_close {
+                        Some(close) => self.at = close,
+                        None => return Err(ConditionError { offset: start, message: "this `{` is never closed".into() }),
+                    }
                 }
                 let raw = &self.chars[inner_start..self.at];
                 self.at += 1;
@@ -513,6 +521,7 @@ mod tests {
         assert_eq!(holds("{$.nope} == {$.also}", &doc), Ok(true));
         assert_eq!(holds("{$.nope} == 1", &doc), Ok(false));
         assert_eq!(holds("{$.nope} != 1", &doc), Ok(true));
+        assert_eq!(holds("{$.nope} != {don't}", &doc), Ok(true));
         assert!(holds("{$.nope} < 1", &doc).is_err());
     }
 
@@ -640,7 +649,7 @@ spec:
             ("{$.a.} == 1", 4, "field name"),
             ("{$.a[x]} == 1", 5, "not supported"),
             ("{$.c[?(@.type = \"Ready\")].status} == 1", 14, "use =="),
-            ("{.c[?(@.t==\"a}\")]} == {\"b} == 1", 22, "never closed"),
+            ("{.c[?(@.t==\"a}\")]} == {\"b} == 1", 23, "never closed"),
             ("{range .items[*]} == 1", 1, "range/end"),
             ("{\"True\" x} == 1", 7, "after the quoted string"),
             ("{$.a} == 1 && ", 14, "end of the condition"),
