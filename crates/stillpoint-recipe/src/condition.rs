@@ -5,17 +5,21 @@
 //! Comparison follows Ramen's rules so recipes behave the same: integers and numeric strings
 //! compare as numbers, the strings `true`/`false` (any case) as booleans, operands of different
 //! kinds do not compare, and `<`, `<=`, `>`, `>=` apply to numbers and strings only. A path that
-//! matches nothing yields `null`, which equals only another `null`.
+//! matches nothing yields `null`, which equals only another `null`; a path that matches several
+//! values (through `*`, `..`, a union or a filter) compares its first, as Ramen's
+//! `QueryJSONPath` does.
 //!
-//! The JSONPath subset is what conditions use in practice: `$`, `.name`, `['name']`, `[index]`
-//! (negative counts from the end); a leading `.` means `$.` as in `kubectl -o jsonpath`.
-//! A hand-written parser because the JSONPath crates parse far more than this grammar needs and
-//! cannot report positions inside our `{…}` operands.
+//! The paths are kubectl's JSONPath dialect ([`crate::jsonpath`]): filters
+//! `[?(@.type=="Ready")]`, wildcards, unions, slices, recursive descent; a leading `.` means
+//! `$.` as in `kubectl -o jsonpath`. A `{…}` operand that is not a path is a literal:
+//! `{Running}`, or quoted as kubectl writes text, `{"True"}`.
 
 use std::fmt;
 
 use serde::Serialize;
 use serde_json::Value as Json;
+
+pub use crate::jsonpath::JsonPath;
 
 /// A parsed condition, with the text it came from.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -63,19 +67,6 @@ impl CompareOp {
 pub enum Operand {
     Path(JsonPath),
     Literal(String),
-}
-
-/// A JSONPath in the supported subset, with its text for messages.
-#[derive(Clone, Debug, PartialEq)]
-pub struct JsonPath {
-    pub text: String,
-    pub segments: Vec<Segment>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum Segment {
-    Field(String),
-    Index(i64),
 }
 
 /// A syntax error at a character offset into the condition text.
@@ -132,8 +123,8 @@ fn evaluate(expr: &Expr, document: &Json) -> Result<bool, String> {
         Expr::And(left, right) => Ok(evaluate(left, document)? && evaluate(right, document)?),
         Expr::Or(left, right) => Ok(evaluate(left, document)? || evaluate(right, document)?),
         Expr::Compare { left, op, right } => {
-            let a = normalize(resolve(left, document));
-            let b = normalize(resolve(right, document));
+            let a = resolve(left, document);
+            let b = resolve(right, document);
             compare(&a, *op, &b).map_err(|reason| {
                 format!(
                     "{} {} {}: {reason}",
@@ -153,28 +144,14 @@ fn describe(operand: &Operand) -> String {
     }
 }
 
-fn resolve(operand: &Operand, document: &Json) -> Json {
+fn resolve(operand: &Operand, document: &Json) -> Comparable {
     match operand {
-        Operand::Literal(text) => Json::String(text.clone()),
-        Operand::Path(path) => {
-            let mut current = document;
-            for segment in &path.segments {
-                let next = match (segment, current) {
-                    (Segment::Field(name), Json::Object(map)) => map.get(name),
-                    (Segment::Index(index), Json::Array(items)) => {
-                        let len = i64::try_from(items.len()).unwrap_or(i64::MAX);
-                        let at = if *index < 0 { len + index } else { *index };
-                        usize::try_from(at).ok().and_then(|at| items.get(at))
-                    }
-                    _ => None,
-                };
-                match next {
-                    Some(value) => current = value,
-                    None => return Json::Null,
-                }
-            }
-            current.clone()
-        }
+        Operand::Literal(text) => normalize(Json::String(text.clone())),
+        // Ramen (QueryJSONPath) compares the first value a path selects.
+        Operand::Path(path) => path
+            .select(document)
+            .first()
+            .map_or(Comparable::Null, |first| normalize((*first).clone())),
     }
 }
 
@@ -371,29 +348,52 @@ impl Parser<'_> {
             Some('{') => {
                 self.at += 1;
                 let inner_start = self.at;
-                while self.peek().is_some_and(|c| c != '}') {
+                // Quotes (in a filter, or quoted text) may hold a `}`; a lone quote in a literal
+                // (`{don't}`) does not, so without a closing `}` outside quotes the first `}` ends it.
+                let mut quote: Option<char> = None;
+                let mut first_close = None;
+                while let Some(c) = self.peek() {
+                    if c == '}' && first_close.is_none() {
+                        first_close = Some(self.at);
+                    }
+                    match quote {
+                        Some(q) if c == q => quote = None,
+                        Some(_) if c == '\\' => self.at += 1,
+                        Some(_) => {}
+                        None if c == '"' || c == '\'' => quote = Some(c),
+                        None if c == '}' => break,
+                        None => {}
+                    }
                     self.at += 1;
                 }
                 if self.peek() != Some('}') {
-                    return Err(ConditionError { offset: start, message: "this `{` is never closed".into() });
+                    match first_close {
+                        Some(close) => self.at = close,
+                        None => return Err(ConditionError { offset: start, message: "this `{` is never closed".into() }),
+                    }
                 }
-                let raw: String = self.chars[inner_start..self.at].iter().collect();
+                let raw = &self.chars[inner_start..self.at];
                 self.at += 1;
-                let leading = raw.len() - raw.trim_start().len();
-                let text = raw.trim();
+                let leading = raw.iter().take_while(|c| c.is_whitespace()).count();
+                let trailing = raw.iter().rev().take_while(|c| c.is_whitespace()).count();
+                let inner = &raw[leading..raw.len().saturating_sub(trailing).max(leading)];
+                let text: String = inner.iter().collect();
                 if text.is_empty() {
                     return Err(ConditionError { offset: start, message: "empty `{}` operand".into() });
                 }
-                if text.starts_with('$') || text.starts_with('.') {
-                    parse_path(text)
-                        .map(Operand::Path)
-                        .map_err(|(offset, message)| ConditionError {
-                            offset: inner_start + leading + offset,
-                            message,
-                        })
-                } else {
-                    Ok(Operand::Literal(text.to_owned()))
+                let inner_at = inner_start + leading;
+                match inner.first() {
+                    Some('$' | '.' | '@' | '[') => {}
+                    Some(quote @ ('"' | '\'')) => return quoted_text(inner, *quote, inner_at),
+                    _ if text == "end" || text.starts_with("range ") => {}
+                    _ => return Ok(Operand::Literal(text)),
                 }
+                JsonPath::parse(&text)
+                    .map(Operand::Path)
+                    .map_err(|error| ConditionError {
+                        offset: inner_at + error.offset,
+                        message: error.message,
+                    })
             }
             Some(quote @ ('"' | '\'')) => {
                 self.at += 1;
@@ -431,66 +431,36 @@ impl Parser<'_> {
     }
 }
 
-/// Parses the supported JSONPath subset. Errors carry a char offset into `text`.
-fn parse_path(text: &str) -> Result<JsonPath, (usize, String)> {
-    let chars: Vec<char> = text.chars().collect();
-    let mut at = 0;
-    if chars.first() == Some(&'$') {
-        at = 1;
-    }
-    let mut segments = Vec::new();
-    while at < chars.len() {
-        match chars[at] {
-            '.' => {
-                let start = at + 1;
-                let mut end = start;
-                while end < chars.len()
-                    && (chars[end].is_alphanumeric() || "_-".contains(chars[end]))
-                {
-                    end += 1;
-                }
-                if end == start {
-                    return Err((at, "expected a field name after `.`".into()));
-                }
-                segments.push(Segment::Field(chars[start..end].iter().collect()));
-                at = end;
+/// Text quoted as kubectl writes it inside `{…}`: `{"True"}`, `{'a b'}`, with `\` escapes.
+fn quoted_text(inner: &[char], quote: char, at: usize) -> Result<Operand, ConditionError> {
+    let mut text = String::new();
+    let mut i = 1;
+    while i < inner.len() {
+        match inner[i] {
+            '\\' if i + 1 < inner.len() => {
+                text.push(match inner[i + 1] {
+                    'n' => '\n',
+                    't' => '\t',
+                    c => c,
+                });
+                i += 1;
             }
-            '[' => {
-                let close = chars[at..].iter().position(|&c| c == ']').map(|p| p + at);
-                let Some(close) = close else {
-                    return Err((at, "this `[` is never closed".into()));
-                };
-                let inner: String = chars[at + 1..close].iter().collect();
-                let inner = inner.trim();
-                if let Some(name) = inner
-                    .strip_prefix('\'')
-                    .and_then(|s| s.strip_suffix('\''))
-                    .or_else(|| inner.strip_prefix('"').and_then(|s| s.strip_suffix('"')))
-                {
-                    segments.push(Segment::Field(name.to_owned()));
-                } else if let Ok(index) = inner.parse::<i64>() {
-                    segments.push(Segment::Index(index));
-                } else {
-                    return Err((
-                        at,
-                        format!(
-                            "`[{inner}]` is not supported: use an index like [0] or a quoted name like ['key']"
-                        ),
-                    ));
+            c if c == quote => {
+                if i + 1 != inner.len() {
+                    return Err(ConditionError {
+                        offset: at + i + 1,
+                        message: "unexpected text after the quoted string in `{…}`".into(),
+                    });
                 }
-                at = close + 1;
+                return Ok(Operand::Literal(text));
             }
-            c => {
-                return Err((
-                    at,
-                    format!("unexpected `{c}` in a JSONPath (expected `.name` or `[…]`)"),
-                ));
-            }
+            c => text.push(c),
         }
+        i += 1;
     }
-    Ok(JsonPath {
-        text: text.to_owned(),
-        segments,
+    Err(ConditionError {
+        offset: at,
+        message: "this quoted string is never closed".into(),
     })
 }
 
@@ -551,6 +521,7 @@ mod tests {
         assert_eq!(holds("{$.nope} == {$.also}", &doc), Ok(true));
         assert_eq!(holds("{$.nope} == 1", &doc), Ok(false));
         assert_eq!(holds("{$.nope} != 1", &doc), Ok(true));
+        assert_eq!(holds("{$.nope} != {don't}", &doc), Ok(true));
         assert!(holds("{$.nope} < 1", &doc).is_err());
     }
 
@@ -566,6 +537,107 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_conditions_with_filters_hold_as_in_ramen() {
+        let pod = json!({"status": {"conditions": [
+            {"type": "Initialized", "status": "True"},
+            {"type": "Ready", "status": "True"},
+            {"type": "Progressing", "status": "False", "reason": "a}b"}
+        ], "replicas": 2, "readyReplicas": "2"}});
+        let table = [
+            (
+                r#"{$.status.conditions[?(@.type=="Ready")].status} == {"True"}"#,
+                true,
+            ),
+            (
+                r#"{.status.conditions[?(@.type=='Ready')].status} == {True}"#,
+                true,
+            ),
+            (
+                r#"{$.status.conditions[?(@.type=="Ready")].status} == true"#,
+                true,
+            ),
+            (
+                r#"{$.status.conditions[?(@.reason=="a}b")].status} == {'False'}"#,
+                true,
+            ),
+            (
+                r#"{$.status.conditions[?(@.type=="Missing")].status} == {"True"}"#,
+                false,
+            ),
+            (r#"{$.status.conditions[-1].type} == {Progressing}"#, true),
+            (r#"{$..readyReplicas} == {$.status.replicas}"#, true),
+            (
+                r#"{$.status.conditions[?(@.type=="Ready")].status} == {"True"} && {$.status.replicas} >= 2"#,
+                true,
+            ),
+        ];
+        for (condition, expected) in table {
+            assert_eq!(holds(condition, &pod), Ok(expected), "{condition}");
+        }
+    }
+
+    #[test]
+    fn filters_reach_into_a_commands_json_output() {
+        // The document the executor builds for a check on a VM: `json` is stdout parsed.
+        let result = json!({"exitCode": 0, "stdout": "…", "stderr": "", "json": {"volumes": [
+            {"name": "data", "state": "mounted", "free": 512},
+            {"name": "logs", "state": "ro", "free": 3}
+        ]}});
+        assert_eq!(
+            holds(
+                r#"{$.exitCode} == 0 && {$.json.volumes[?(@.name=="data")].state} == {mounted}"#,
+                &result
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            holds(
+                r#"{$.json.volumes[?(@.free < 10)].name} == {"logs"}"#,
+                &result
+            ),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn a_recipe_with_kubernetes_filter_conditions_validates_and_plans() {
+        let source = r#"apiVersion: ramendr.openshift.io/v1alpha1
+kind: Recipe
+metadata:
+  name: filters
+spec:
+  groups:
+  - name: disks
+    type: volume
+  hooks:
+  - name: app
+    type: check
+    chks:
+    - name: ready
+      command: [/bin/sh, -c, "cat /run/app/status.json"]
+      condition: '{$.json.status.conditions[?(@.type=="Ready")].status} == {"True"}'
+    - name: replicas
+      command: [/bin/sh, -c, "cat /run/app/status.json"]
+      condition: "{$.json.spec.replicas} == {$.json..readyReplicas} && {$.json.items[-1:].phase} != {'Failed'}"
+  workflows:
+  - name: backup
+    sequence: [{hook: app/ready}, {hook: app/replicas}, {group: disks}]
+"#;
+        let (recipe, diagnostics) = crate::check_source(source, &crate::ValidateOptions::default());
+        assert!(diagnostics.is_empty(), "{diagnostics:#?}");
+        let recipe = recipe.unwrap();
+        crate::plan_workflow(&recipe, "backup", &crate::PlanOptions::default()).unwrap();
+    }
+
+    #[test]
+    fn a_path_matching_several_values_compares_its_first_as_ramen_does() {
+        let doc = json!({"items": [{"ready": false, "n": 1}, {"ready": true, "n": 2}]});
+        assert_eq!(holds("{$.items[*].ready} == false", &doc), Ok(true));
+        assert_eq!(holds("{$.items[*].n} == 1", &doc), Ok(true));
+        assert_eq!(holds("{$.items[?(@.n > 1)].ready} == true", &doc), Ok(true));
+    }
+
+    #[test]
     fn syntax_errors_point_at_the_offending_character() {
         let cases = [
             ("", 0, "empty"),
@@ -574,8 +646,12 @@ mod tests {
             ("{$.a == 1", 0, "never closed"),
             ("({$.a} == 1", 0, "never closed"),
             ("{$.a} == 1 {$.b}", 11, "after a complete condition"),
-            ("{$.a..b} == 1", 4, "field name"),
-            ("{$.a[*]} == 1", 4, "not supported"),
+            ("{$.a.} == 1", 4, "field name"),
+            ("{$.a[x]} == 1", 5, "not supported"),
+            ("{$.c[?(@.type = \"Ready\")].status} == 1", 14, "use =="),
+            ("{.c[?(@.t==\"a}\")]} == {\"b} == 1", 23, "never closed"),
+            ("{range .items[*]} == 1", 1, "range/end"),
+            ("{\"True\" x} == 1", 7, "after the quoted string"),
             ("{$.a} == 1 && ", 14, "end of the condition"),
             ("{ $x} == 1", 3, "expected `.name`"),
         ];

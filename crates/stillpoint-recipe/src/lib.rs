@@ -36,6 +36,7 @@ pub mod diagnostic;
 pub mod duration;
 mod error;
 pub mod executor;
+pub mod jsonpath;
 pub mod lint;
 pub mod model;
 pub mod parse;
