@@ -214,6 +214,21 @@ fn node_pos_of(pos: Pos, single_line: bool, content_offset: usize, offset: usize
     }
 }
 
+/// Why a recipe with unfilled parameters cannot run, naming each once (`None` when all are
+/// filled): what a run and a plan refuse with.
+pub fn unset_message(unset: &[At<String>]) -> Option<String> {
+    let first = unset.first()?;
+    let mut names: Vec<&str> = unset.iter().map(|p| p.value.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let names: Vec<String> = names.iter().map(|n| format!("${{{n}}}")).collect();
+    Some(format!(
+        "template parameter(s) not set: {} (first at {}); fill them with `--set NAME=VALUE` or `--values FILE`. Nothing was run",
+        names.join(", "),
+        first.pos
+    ))
+}
+
 /// The warning for one unfilled parameter.
 pub fn unresolved_warning(parameter: &At<String>) -> Diagnostic {
     Diagnostic::warning(

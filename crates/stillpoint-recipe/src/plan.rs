@@ -183,23 +183,8 @@ pub fn plan_workflow(
             .with_message(message)
             .with_workflow(workflow)
     };
-    if let Some(first) = recipe.parameters_unset.first() {
-        let mut names: Vec<&str> = recipe
-            .parameters_unset
-            .iter()
-            .map(|p| p.value.as_str())
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        return Err(invalid(format!(
-            "template parameter(s) not set: {} (first at {}); fill them with `--set NAME=VALUE` or `--values FILE`, nothing was run",
-            names
-                .iter()
-                .map(|n| format!("${{{n}}}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            first.pos
-        )));
+    if let Some(message) = crate::params::unset_message(&recipe.parameters_unset) {
+        return Err(invalid(message));
     }
     let wf = recipe.workflow(workflow).ok_or_else(|| {
         let names: Vec<&str> = recipe

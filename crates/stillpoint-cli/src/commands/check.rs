@@ -77,6 +77,11 @@ pub fn load_recipe_with(
 ) -> anyhow::Result<RecipeInput> {
     let valid = stillpoint_recipe::load_recipe_with(path, &Default::default(), parameters)
         .with_context(|| format!("recipe {} is not usable", path.display()))?;
+    // Refused here, before any VM is touched.
+    if let Some(message) = stillpoint_recipe::params::unset_message(&valid.recipe.parameters_unset)
+    {
+        anyhow::bail!("recipe {}: {message}", path.display());
+    }
     for warning in &valid.warnings {
         tracing::warn!("{}", warning.render(&path.display().to_string()));
     }

@@ -175,6 +175,15 @@ async fn run_phase(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::debug!("--namespace {namespace} is not used on local platforms");
     }
     crate::context::check_vm_argument("--name", &args.name)?;
+    // Loaded before the VM is looked at: a recipe that cannot run (a parameter not filled)
+    // stops the pre phase before anything happens.
+    let loaded = args.parameters.parameters().and_then(|parameters| {
+        crate::commands::check::load_recipe_with(&args.file, &parameters, &args.workflow)
+    });
+    let loaded = match (loaded, args.phase) {
+        (Err(error), PhaseArg::Pre) => return Err(error),
+        (loaded, _) => loaded,
+    };
     let vm = ctx.platforms().resolve(&args.name)?;
     let env = PhaseEnv {
         guard: ctx.guard_context()?,
@@ -182,9 +191,7 @@ async fn run_phase(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
         freeze_timeout: Duration::from_secs(args.freeze_timeout_seconds),
         unfreeze_timeout: Duration::from_secs(args.unfreeze_timeout_seconds),
     };
-    let recipe = match args.parameters.parameters().and_then(|parameters| {
-        crate::commands::check::load_recipe_with(&args.file, &parameters, &args.workflow)
-    }) {
+    let recipe = match loaded {
         Ok(recipe) => recipe,
         Err(error) => {
             if matches!(args.phase, PhaseArg::Post) {
