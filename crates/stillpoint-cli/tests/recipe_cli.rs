@@ -342,4 +342,14 @@ fn plan_chooses_a_named_workflow() {
     assert_eq!(output.status.code(), Some(0), "{text}");
     assert!(text.contains("workflow suite-backup-resources"), "{text}");
     assert!(text.contains("check suite-api/ready"), "{text}");
+    // The default, `backup`, is not there: the error lists the workflows the recipe has.
+    let output = stillpoint(&["recipe", "plan", "--platform", "kubevirt", path]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "no workflow `backup` (it has: suite-backup-resources, suite-restore-resources)"
+        ),
+        "{stderr}"
+    );
 }
