@@ -204,3 +204,152 @@ fn annotations_for_each_level() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("needs --recipe FILE"));
 }
+
+const TEMPLATE: &str = "crates/stillpoint-recipe/tests/realistic/parameters.yaml";
+const VM_TEMPLATE: &str = "crates/stillpoint-recipe/tests/realistic/vm-template.yaml";
+
+#[test]
+fn a_template_validates_with_a_warning_per_parameter_and_cleanly_once_filled() {
+    let output = stillpoint(&["recipe", "validate", "--platform", "kubevirt", TEMPLATE]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let text = stdout(&output);
+    assert!(
+        text.contains(&format!(
+            "{TEMPLATE}:6:9: warning: template parameter `${{APP_NAME}}` is not set"
+        )),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("shop.env");
+    std::fs::write(
+        &values,
+        "# filled as envsubst would\nAPP_NAME=pg\nexport APP_NAMESPACE=\"shop\"\nHOOK_TIMEOUT=45\n",
+    )
+    .unwrap();
+    let output = stillpoint(&[
+        "recipe",
+        "validate",
+        "--platform",
+        "kubevirt",
+        "--values",
+        values.to_str().unwrap(),
+        "--set",
+        "FUSION_NAMESPACE=ibm-spectrum-fusion-ns",
+        TEMPLATE,
+    ]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(!text.contains("template parameter"), "{text}");
+    assert!(text.contains("valid for platform kubevirt"), "{text}");
+    // Filled, it plans: the hook's name and its timeout come from the values.
+    let output = stillpoint(&[
+        "recipe",
+        "plan",
+        "--platform",
+        "kubevirt",
+        "--values",
+        values.to_str().unwrap(),
+        "--set",
+        "FUSION_NAMESPACE=x",
+        TEMPLATE,
+    ]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("exec pg-db/checkpoint"), "{text}");
+    assert!(text.contains("timeout 45s"), "{text}");
+    assert!(text.contains("note: group:pg-resources: skipped"), "{text}");
+}
+
+#[test]
+fn a_run_with_an_unfilled_parameter_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().to_str().unwrap();
+    // Partly filled: the refusal names what is left, before any VM is looked up.
+    for args in [
+        vec![
+            "backup",
+            "--recipe",
+            VM_TEMPLATE,
+            "--set",
+            "DB=pg",
+            "no-such-vm",
+        ],
+        vec![
+            "recipe",
+            "run",
+            VM_TEMPLATE,
+            "--phase",
+            "pre",
+            "--name",
+            "no-such-vm",
+            "--set",
+            "DB=pg",
+        ],
+        vec!["recipe", "plan", "--set", "DB=pg", VM_TEMPLATE],
+    ] {
+        let output = stillpoint_command()
+            .args(&args)
+            .env("STILLPOINT_RUNTIME_DIR", runtime)
+            .current_dir(workspace())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(
+                "template parameter(s) not set: ${DATA_DISK}, ${HOOK_TIMEOUT} (first at 10:19)"
+            ),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("${DB}"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("no-such-vm"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_bad_values_file_names_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("bad.env");
+    std::fs::write(&values, "APP_NAME=pg\nthis is not an assignment\n").unwrap();
+    let output = stillpoint(&[
+        "recipe",
+        "validate",
+        "--values",
+        values.to_str().unwrap(),
+        TEMPLATE,
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:2: ", values.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn plan_chooses_a_named_workflow() {
+    let path = "crates/stillpoint-recipe/tests/realistic/named-workflows.yaml";
+    let output = stillpoint(&[
+        "recipe",
+        "plan",
+        "--platform",
+        "kubevirt",
+        "--workflow",
+        "suite-backup-resources",
+        path,
+    ]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("workflow suite-backup-resources"), "{text}");
+    assert!(text.contains("check suite-api/ready"), "{text}");
+    // The default, `backup`, is not there: the error lists the workflows the recipe has.
+    let output = stillpoint(&["recipe", "plan", "--platform", "kubevirt", path]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "no workflow `backup` (it has: suite-backup-resources, suite-restore-resources)"
+        ),
+        "{stderr}"
+    );
+}

@@ -13,7 +13,9 @@
 //!   released, the guest thawed, the outcome follows the policy, nothing half-written is
 //!   published;
 //! - `stillpoint recipe run --phase pre|post`, the Velero hooks: the lock and the freeze held
-//!   across two processes while something else takes the snapshot.
+//!   across two processes while something else takes the snapshot;
+//! - a template of the demo recipe (`${APP}` in its names, a suite-style workflow name): refused
+//!   before anything happens while unfilled, `application` once `--set` fills it.
 #![cfg(feature = "vm-tests")]
 
 mod backup_support;
@@ -939,4 +941,66 @@ async fn failed_pre_phases_undo_themselves_and_a_lone_post_phase_only_thaws() {
             .is_some_and(|e| e.contains("no pre phase is recorded")),
         "{post:#}"
     );
+}
+
+/// The demo recipe as a shared template would have it: `${APP}` in the recipe's, hooks' and
+/// workflow's names (and the references to them), the workflow named for a suite.
+fn demo_recipe_as_a_template() -> String {
+    let demo = std::fs::read_to_string(DEMO_RECIPE).unwrap();
+    let template = demo
+        .replace("name: sqlite-demo", "name: ${APP}-demo")
+        .replace("app-db", "${APP}-db")
+        .replace("  - name: backup\n", "  - name: ${APP}-backup-resources\n");
+    assert_ne!(template, demo);
+    assert!(template.contains("  - name: ${APP}-backup-resources\n"));
+    template
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_template_recipe_with_a_named_workflow_runs_once_filled_and_not_before() {
+    let bench = boot_with_writer("app-template").await;
+    let path = bench.dir.path().join("template.yaml");
+    std::fs::write(&path, demo_recipe_as_a_template()).unwrap();
+    let recipe = path.to_str().unwrap();
+    let common = [
+        "--consistency",
+        "application",
+        "--recipe",
+        recipe,
+        "--workflow",
+        "sqlite-backup-resources",
+    ];
+
+    // Not filled: refused before anything happens, naming the parameter.
+    let output = bench.run(&[&["backup", bench.name(), "--json"][..], &common[..]].concat());
+    // With --json the error is the JSON report's; both streams are searched.
+    let all = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("template parameter(s) not set: ${APP}"),
+        "{all}"
+    );
+    assert!(
+        bench.snapshots().is_empty(),
+        "a refused run published a snapshot"
+    );
+    assert_released_and_thawed(&bench, "after the refused run").await;
+
+    // Filled with --set, the named workflow runs and reaches the application level.
+    let (code, report, output) =
+        bench.backup(&[&common[..], &["--set", "APP=sqlite"][..]].concat());
+    assert_eq!(code, Some(0), "{}", text(&output));
+    assert_eq!(report["achieved"], "application", "{report:#}");
+    assert_eq!(report["recipe"]["workflow"], "sqlite-backup-resources");
+    assert_eq!(
+        recipe_step(&report, "sqlite-db/hold-write-lock")["ended"]["by"],
+        "op sqlite-db/release-write-lock",
+        "{report:#}"
+    );
+    assert_eq!(
+        recipe_step(&report, "group:vm-disks")["freeze"]["frozen"],
+        true
+    );
+    assert_eq!(bench.snapshots().len(), 1);
+    assert_released_and_thawed(&bench, "after the backup").await;
 }

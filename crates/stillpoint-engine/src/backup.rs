@@ -93,6 +93,8 @@ impl CopyProgress for NoProgress {}
 pub struct RecipeInput {
     pub path: PathBuf,
     pub recipe: Recipe,
+    /// The workflow to run (`--workflow`, `backup` unless said otherwise).
+    pub workflow: String,
 }
 
 impl RecipeInput {
@@ -758,13 +760,15 @@ impl Run {
             capture_timeout: recipe_capture_timeout(env.freeze_timeout, env.hold_limit),
             ..PlanOptions::default()
         };
-        stillpoint_recipe::plan_workflow(&recipe.recipe, "backup", &options).map_err(|error| {
-            EngineError::new(
-                EngineErrorKind::Recipe,
-                format!("recipe {} cannot be planned", recipe.path.display()),
-            )
-            .with_source(error)
-        })
+        stillpoint_recipe::plan_workflow(&recipe.recipe, &recipe.workflow, &options).map_err(
+            |error| {
+                EngineError::new(
+                    EngineErrorKind::Recipe,
+                    format!("recipe {} cannot be planned", recipe.path.display()),
+                )
+                .with_source(error)
+            },
+        )
     }
 
     async fn latest_snapshot(

@@ -163,6 +163,7 @@ impl PhaseReport {
                 captured: false,
                 application_steps_ok: false,
                 steps: Vec::new(),
+                notes: Vec::new(),
                 duration: Duration::ZERO,
             },
             freeze: None,
@@ -268,21 +269,21 @@ impl Split {
             freeze: true,
             ..PlanOptions::default()
         };
-        let plan = stillpoint_recipe::plan_workflow(&recipe.recipe, WORKFLOW, &options).map_err(
-            |error| {
+        let plan = stillpoint_recipe::plan_workflow(&recipe.recipe, &recipe.workflow, &options)
+            .map_err(|error| {
                 EngineError::new(
                     EngineErrorKind::Recipe,
                     format!("recipe {} cannot be planned", recipe.path.display()),
                 )
                 .with_source(error)
-            },
-        )?;
+            })?;
         let capture = plan.capture_index().ok_or_else(|| {
             EngineError::new(
                 EngineErrorKind::Recipe,
                 format!(
-                    "recipe {}: the `{WORKFLOW}` workflow has no volume group step, so nothing says where the platform's snapshot goes between the phases",
-                    recipe.path.display()
+                    "recipe {}: the `{}` workflow has no capture step, so nothing says where the platform's snapshot goes between the phases",
+                    recipe.path.display(),
+                    recipe.workflow
                 ),
             )
         })?;
@@ -718,7 +719,7 @@ pub async fn run_pre(vm: Arc<dyn Vm>, recipe: &RecipeInput, env: &PhaseEnv) -> R
         version: STATE_VERSION,
         vm: name.clone(),
         recipe: recipe.path.clone(),
-        workflow: WORKFLOW.to_owned(),
+        workflow: recipe.workflow.clone(),
         steps: split.step_names(),
         pre_pid: std::process::id(),
         frozen_at_ms: crate::guardian::now_ms(),
@@ -1043,6 +1044,7 @@ mod tests {
         RecipeInput {
             path: PathBuf::from("test.yaml"),
             recipe: recipe.unwrap_or_else(|| panic!("invalid test recipe: {diagnostics:#?}")),
+            workflow: WORKFLOW.to_owned(),
         }
     }
 
@@ -1174,22 +1176,14 @@ spec:
     }
 
     #[test]
-    fn a_workflow_without_a_capture_does_not_split() {
+    fn a_resource_only_workflow_splits_after_its_last_step() {
+        // No volume group: the plan captures every disk after the last step, so the pre
+        // phase runs every step and the post phase has none left.
         let no_capture = LOCK.replace("    - group: disks\n", "");
-        let (recipe_model, _) = check_source(&no_capture, &ValidateOptions::default());
-        // `validate` itself rejects a backup workflow without a volume group; planning the
-        // model directly must still not panic.
-        if let Some(model) = recipe_model {
-            let input = RecipeInput {
-                path: PathBuf::from("x.yaml"),
-                recipe: model,
-            };
-            let error = Split::of(&input).err().expect("no capture, no split");
-            assert!(
-                error.to_string().contains("has no volume group step"),
-                "{error}"
-            );
-        }
+        let input = recipe(&no_capture);
+        let split = Split::of(&input).expect("the added capture splits the workflow");
+        assert_eq!(split.capture + 1, split.plan.steps.len());
+        assert!(split.post_plan().steps.is_empty());
     }
 
     #[test]

@@ -923,6 +923,7 @@ async fn a_recipe_capture_step_that_times_out_thaws_publishes_nothing_and_the_ne
     let recipe = Arc::new(RecipeInput {
         path: recipe_path,
         recipe: valid.recipe,
+        workflow: "backup".to_owned(),
     });
     // Capture step timeout: 10 s + 40 s / 2 = 30 s; the guardian's deadline: 50 s after its
     // lease. The fail point holds the frozen window 35 s: past the one, well before the other.

@@ -296,6 +296,10 @@ pub struct WorkflowReport {
     /// `application` consistency requires.
     pub application_steps_ok: bool,
     pub steps: Vec<StepRecord>,
+    /// What the plan changed from the workflow as written (steps skipped on a VM, volume
+    /// groups captured together, a capture added), carried over from [`WorkflowPlan::notes`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<crate::plan::PlanNote>,
     #[serde(rename = "duration_ms", serialize_with = "millis")]
     pub duration: Duration,
 }
@@ -522,6 +526,7 @@ impl<'r, R: StepRunner> Executor<'r, R> {
             captured,
             application_steps_ok,
             steps: records,
+            notes: plan.notes.clone(),
             duration: started.elapsed(),
         }
     }

@@ -226,6 +226,31 @@ async fn steps_run_in_sequence_and_the_capture_freezes() {
 }
 
 #[tokio::test]
+async fn a_resource_only_workflow_runs_its_steps_then_captures_every_disk_and_says_so() {
+    let runner = ScriptedRunner::default();
+    let plan = plan(
+        "  hooks:\n  - name: db\n    type: exec\n    ops:\n    - {name: flush, command: [sync]}\n  \
+         workflows:\n  - name: backup\n    sequence:\n    - hook: db/flush\n",
+    );
+    let report = run(&plan, &runner).await;
+    assert_eq!(
+        runner.log(),
+        [
+            "exec db/flush 30s",
+            "capture capture:every-disk freeze=true"
+        ]
+    );
+    assert!(
+        report.captured && report.application_steps_ok,
+        "{report:#?}"
+    );
+    // The report carries what the plan did differently from the workflow as written.
+    assert_eq!(report.notes, plan.notes);
+    assert_eq!(report.notes.len(), 1);
+    assert!(report.notes[0].message.contains("after its last step"));
+}
+
+#[tokio::test]
 async fn timeout_precedence_is_op_then_hook_then_30_seconds() {
     let plan = plan(
         "  hooks:

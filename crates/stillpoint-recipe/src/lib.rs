@@ -39,6 +39,7 @@ pub mod executor;
 pub mod jsonpath;
 pub mod lint;
 pub mod model;
+pub mod params;
 pub mod parse;
 pub mod plan;
 pub mod selector;
@@ -55,20 +56,33 @@ pub use crate::executor::{
     Executor, FreezeTrace, StepOutcome, StepRecord, StepRunner, WorkflowReport,
 };
 pub use crate::model::{Recipe, Target};
+pub use crate::params::Parameters;
 pub use crate::parse::parse_recipe;
-pub use crate::plan::{PlanOptions, PlannedStep, WorkflowPlan, plan_workflow};
+pub use crate::plan::{PlanNote, PlanOptions, PlannedStep, WorkflowPlan, plan_workflow};
 pub use crate::selector::DiskInfo;
-pub use crate::validate::{Platform, ValidRecipe, ValidateOptions, check_source, validate};
+pub use crate::validate::{
+    Platform, ValidRecipe, ValidateOptions, check_source, check_source_with, validate,
+};
 
 /// Reads, parses and validates a recipe file. `Err` (kind [`RecipeErrorKind::Invalid`]) carries
 /// every positioned diagnostic; `Ok` carries the warnings.
 pub fn load_recipe(path: &Path, options: &ValidateOptions) -> Result<ValidRecipe, RecipeError> {
+    load_recipe_with(path, options, &Parameters::new())
+}
+
+/// [`load_recipe`] with template parameters (`${NAME}`) filled from `parameters`; one left
+/// unfilled is a warning here, and [`plan_workflow`] refuses to plan the recipe.
+pub fn load_recipe_with(
+    path: &Path,
+    options: &ValidateOptions,
+    parameters: &Parameters,
+) -> Result<ValidRecipe, RecipeError> {
     let source = std::fs::read_to_string(path).map_err(|error| {
         RecipeError::new(RecipeErrorKind::Read)
             .with_path(path)
             .with_source(error)
     })?;
-    let (recipe, diagnostics) = check_source(&source, options);
+    let (recipe, diagnostics) = check_source_with(&source, options, parameters);
     match recipe {
         Some(recipe) => Ok(ValidRecipe {
             recipe,
@@ -86,15 +100,20 @@ pub fn check_any_source(
     source: &str,
     options: &ValidateOptions,
 ) -> (Option<Recipe>, Vec<Diagnostic>) {
-    let is_pod = yaml::parse_document(source).is_ok_and(|root| match &root.value {
-        yaml::Value::Map(entries) => entries
-            .iter()
-            .any(|(k, v)| k.as_str() == Some("kind") && v.as_str() == Some("Pod")),
-        _ => false,
-    });
+    check_any_source_with(source, options, &Parameters::new())
+}
+
+/// [`check_any_source`] with template parameters filled from `parameters` (recipes only).
+pub fn check_any_source_with(
+    source: &str,
+    options: &ValidateOptions,
+    parameters: &Parameters,
+) -> (Option<Recipe>, Vec<Diagnostic>) {
+    let is_pod =
+        yaml::parse_document(source).is_ok_and(|root| parse::document_kind(&root) == Some("Pod"));
     if is_pod {
         velero::check_pod_source(source)
     } else {
-        check_source(source, options)
+        check_source_with(source, options, parameters)
     }
 }

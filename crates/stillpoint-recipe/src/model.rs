@@ -41,6 +41,12 @@ impl ApiVersion {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Recipe {
+    /// Where the Recipe document starts (a multi-document file has several).
+    #[serde(skip)]
+    pub pos: Pos,
+    /// Template parameters (`${NAME}`) left unfilled, each where it was written: a run is
+    /// refused while there is one ([`crate::plan::plan_workflow`]).
+    pub parameters_unset: Vec<At<String>>,
     pub api_version: ApiVersion,
     pub name: Option<String>,
     pub namespace: Option<String>,

@@ -14,32 +14,89 @@ use crate::condition::Condition;
 use crate::diagnostic::{Diagnostic, Pos};
 use crate::duration::suggest_seconds;
 use crate::model::*;
+use crate::params::{Parameters, fill, has_placeholder, unresolved_warning};
 use crate::selector::{LabelSelector, Requirement, SelectorOp};
-use crate::yaml::{Node, Value, parse_document};
+use crate::yaml::{Node, Value, parse_documents};
 
 /// The model (when the document had the shape of a recipe at all) and every problem found.
 #[derive(Debug)]
 pub struct Parsed {
+    /// The file's (first) Recipe: the one a run uses.
     pub recipe: Option<Recipe>,
+    /// Further Recipe documents of a multi-document file: validated, not run.
+    pub others: Vec<Recipe>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
 /// Parses a recipe document. Never panics, whatever the input.
 pub fn parse_recipe(source: &str) -> Parsed {
+    parse_recipe_with(source, &Parameters::new())
+}
+
+/// Parses a recipe file, filling template parameters (`${NAME}`) from `parameters`; each one
+/// left unfilled is a warning at its position and is kept in [`Recipe::parameters_unset`].
+///
+/// A file of several YAML documents (`---` between them, e.g. a Recipe beside the Namespace
+/// and the application it protects) gives its `kind: Recipe` documents; the others are left
+/// out. Positions are those of the whole file.
+pub fn parse_recipe_with(source: &str, parameters: &Parameters) -> Parsed {
     let mut ctx = Ctx::default();
-    let root = match parse_document(source) {
-        Ok(root) => root,
+    let mut documents = match parse_documents(source) {
+        Ok(documents) => documents,
         Err(diagnostic) => {
             return Parsed {
                 recipe: None,
+                others: Vec::new(),
                 diagnostics: vec![diagnostic],
             };
         }
     };
-    let recipe = ctx.recipe(&root);
+    let several = documents.len() > 1;
+    let kinds: Vec<String> = documents
+        .iter()
+        .map(|d| document_kind(d).unwrap_or("(no kind)").to_owned())
+        .collect();
+    let mut recipes = Vec::new();
+    for document in &mut documents {
+        if several && document_kind(document) != Some("Recipe") {
+            continue;
+        }
+        let unset = fill(document, parameters);
+        for parameter in &unset {
+            ctx.diagnostics.push(unresolved_warning(parameter));
+        }
+        if let Some(mut recipe) = ctx.recipe(document) {
+            recipe.parameters_unset = unset;
+            recipe.pos = document.pos;
+            recipes.push(recipe);
+        }
+    }
+    if several && !kinds.iter().any(|k| k == "Recipe") {
+        ctx.error(
+            Pos::new(1, 1),
+            format!(
+                "none of the {} documents of the file is a `kind: Recipe` (found: {})",
+                kinds.len(),
+                kinds.join(", ")
+            ),
+        );
+    }
+    let mut recipes = recipes.into_iter();
     Parsed {
-        recipe,
+        recipe: recipes.next(),
+        others: recipes.collect(),
         diagnostics: ctx.diagnostics,
+    }
+}
+
+/// The `kind` of a document, when it is a mapping with a string `kind`.
+pub fn document_kind(document: &Node) -> Option<&str> {
+    match &document.value {
+        Value::Map(entries) => entries
+            .iter()
+            .find(|(k, _)| k.as_str() == Some("kind"))
+            .and_then(|(_, v)| v.as_str()),
+        _ => None,
     }
 }
 
@@ -229,6 +286,7 @@ impl Ctx {
                 None
             }
             Value::Null => None,
+            Value::String(text) if has_placeholder(text) => None,
             other => {
                 let hint = match other {
                     Value::String(text) => suggest_seconds(text)
@@ -435,6 +493,8 @@ impl Ctx {
             None => Vec::new(),
         };
         Some(Recipe {
+            pos: root.pos,
+            parameters_unset: Vec::new(),
             api_version: api_version.unwrap_or(ApiVersion::Ramen),
             name,
             namespace,
@@ -533,6 +593,8 @@ impl Ctx {
 
     fn label_selector(&mut self, node: &Node, what: &str) -> Option<At<LabelSelector>> {
         match &node.value {
+            // Checked once the parameter is filled; the warning says it is not.
+            Value::String(text) if has_placeholder(text) => None,
             Value::String(text) => match LabelSelector::parse_string(text) {
                 Ok(selector) => Some(At::new(selector, node.pos)),
                 Err((offset, message)) => {

@@ -20,6 +20,9 @@ pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Backstop for one capture step (freeze + capture start + thaw); Proxmox allows 125 s.
 pub const DEFAULT_CAPTURE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The built-in operations of a `scale` hook (`hook: NAME/down` needs no `ops:` list).
+pub const SCALE_OPS: &[&str] = &["down", "up", "sync"];
+
 /// Choices the plan needs from outside the recipe.
 #[derive(Clone, Debug)]
 pub struct PlanOptions {
@@ -46,6 +49,17 @@ pub struct WorkflowPlan {
     pub workflow: String,
     pub fail_on: FailOn,
     pub steps: Vec<PlannedStep>,
+    /// What the plan does differently from the recipe as written, because a VM is not a
+    /// Kubernetes application: steps skipped, volume groups captured together, a capture added.
+    pub notes: Vec<PlanNote>,
+}
+
+/// One thing the plan changed from the workflow as written, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlanNote {
+    /// The step it is about (`hook/op`, `group:NAME`, or `capture` for an added capture).
+    pub step: String,
+    pub message: String,
 }
 
 impl WorkflowPlan {
@@ -169,9 +183,24 @@ pub fn plan_workflow(
             .with_message(message)
             .with_workflow(workflow)
     };
-    let wf = recipe
-        .workflow(workflow)
-        .ok_or_else(|| invalid(format!("the recipe has no workflow `{workflow}`")))?;
+    if let Some(message) = crate::params::unset_message(&recipe.parameters_unset) {
+        return Err(invalid(message));
+    }
+    let wf = recipe.workflow(workflow).ok_or_else(|| {
+        let names: Vec<&str> = recipe
+            .workflows
+            .iter()
+            .map(|w| w.name.value.as_str())
+            .collect();
+        invalid(format!(
+            "the recipe has no workflow `{workflow}` (it has: {}); choose one with --workflow",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        ))
+    })?;
     let steps = flatten(recipe, wf).map_err(|d| {
         invalid(
             d.first()
@@ -180,6 +209,7 @@ pub fn plan_workflow(
         )
     })?;
     let mut planned: Vec<PlannedStep> = Vec::new();
+    let mut notes: Vec<PlanNote> = Vec::new();
     for step in steps {
         match &step.kind {
             StepKind::Group(name) => {
@@ -187,13 +217,31 @@ pub fn plan_workflow(
                     .group(name)
                     .ok_or_else(|| invalid(format!("no group `{name}`")))?;
                 if group.group_type.value == GroupType::Resource {
-                    return Err(invalid(format!(
-                        "group `{name}` is a resource group; this platform captures disks only"
-                    )));
+                    notes.push(PlanNote {
+                        step: format!("group:{name}"),
+                        message: format!(
+                            "skipped: `{name}` is a resource group (Kubernetes objects); stillpoint captures the VM's disks"
+                        ),
+                    });
+                    continue;
                 }
                 let essential = group.essential.unwrap_or(true);
-                if let Some(PlannedStep::Capture(previous)) = planned.last_mut() {
-                    // Adjacent volume groups: one capture, one instant.
+                let adjacent = matches!(planned.last(), Some(PlannedStep::Capture(_)));
+                if let Some(PlannedStep::Capture(previous)) = planned
+                    .iter_mut()
+                    .find(|s| matches!(s, PlannedStep::Capture(_)))
+                {
+                    // All disks at one instant: a later volume group joins the first capture,
+                    // adjacent (as written) or apart (a VM cannot capture twice).
+                    if !adjacent {
+                        notes.push(PlanNote {
+                            step: format!("group:{name}"),
+                            message: format!(
+                                "captured together with {} at its place: a VM's disks are captured at one instant, so the steps written between them run after the capture",
+                                previous.groups.join("+")
+                            ),
+                        });
+                    }
                     previous.groups.push(name.clone());
                     previous.selectors.push(disk_selector(group));
                     previous.essential |= essential;
@@ -213,6 +261,15 @@ pub fn plan_workflow(
                 let h = recipe
                     .hook(hook)
                     .ok_or_else(|| invalid(format!("no hook `{hook}`")))?;
+                if h.hook_type.value == HookType::Scale {
+                    notes.push(PlanNote {
+                        step: format!("{hook}/{item}"),
+                        message: format!(
+                            "skipped: `{hook}` is a scale hook (scales Kubernetes Deployments and StatefulSets); a VM is not scaled"
+                        ),
+                    });
+                    continue;
+                }
                 if let Some(op) = h.op(item) {
                     planned.push(PlannedStep::Exec(
                         exec_step(recipe, h, op, options, 0).map_err(invalid)?,
@@ -245,10 +302,28 @@ pub fn plan_workflow(
             StepKind::Workflow(_) => {}
         }
     }
+    if !planned.iter().any(|s| matches!(s, PlannedStep::Capture(_))) {
+        // A resource-only workflow: the disks are still what a VM backup captures.
+        notes.push(PlanNote {
+            step: "capture".to_owned(),
+            message: format!(
+                "workflow `{workflow}` has no volume group step: every disk of the VM is captured after its last step"
+            ),
+        });
+        planned.push(PlannedStep::Capture(CaptureStep {
+            id: "capture:every-disk".to_owned(),
+            groups: Vec::new(),
+            selectors: vec![DiskSelector::everything()],
+            freeze: options.freeze,
+            essential: true,
+            timeout: options.capture_timeout,
+        }));
+    }
     Ok(WorkflowPlan {
         workflow: workflow.to_owned(),
         fail_on: wf.fail_on,
         steps: planned,
+        notes,
     })
 }
 

@@ -5,12 +5,14 @@
 //! **The freeze rule.** While the guest is frozen its agent refuses `guest-exec`, so nothing may
 //! run between freeze and thaw. The executor makes the `volume` group step one indivisible
 //! freeze → capture → thaw, so a sequence cannot put a step inside it. What a recipe *can*
-//! write that would need a guest command while frozen — and what is rejected here — is:
-//! - a step naming both a group and a hook (rejected by the parser: "a hook cannot run inside
-//!   the capture");
-//! - volume group steps separated by other steps: all disks must be captured at one instant
-//!   under one freeze, so the steps between would run frozen. Adjacent volume steps are merged
-//!   into one capture.
+//! write that would need a guest command while frozen — and what is rejected — is a step
+//! naming both a group and a hook (rejected by the parser: "a hook cannot run inside the
+//! capture").
+//!
+//! Volume group steps separated by other steps are valid (a Kubernetes application may capture
+//! its volumes at different times); on a VM all disks are captured at one instant, so the
+//! planner captures them all at the first volume group and this is a warning saying so.
+//! Workflows are checked whatever their names; none has to be called `backup`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -19,7 +21,9 @@ use serde::Serialize;
 
 use crate::diagnostic::{Diagnostic, Pos, Severity, has_errors, sort_diagnostics};
 use crate::model::*;
-use crate::parse::parse_recipe;
+use crate::params::{Parameters, has_placeholder};
+use crate::parse::parse_recipe_with;
+use crate::plan::SCALE_OPS;
 use crate::selector::{DiskInfo, NameMatcher};
 
 /// The platform a recipe will run on; what it can do decides some checks.
@@ -86,11 +90,35 @@ pub struct ValidRecipe {
 /// Parses and validates a recipe's source: the model when there is no error, and every
 /// diagnostic (errors and warnings) sorted by position.
 pub fn check_source(source: &str, options: &ValidateOptions) -> (Option<Recipe>, Vec<Diagnostic>) {
-    let parsed = parse_recipe(source);
+    check_source_with(source, options, &Parameters::new())
+}
+
+/// [`check_source`] with template parameters filled from `parameters` (see [`crate::params`]).
+/// Every Recipe document of a multi-document file is validated; the model returned is the
+/// first one's, the one a run uses.
+pub fn check_source_with(
+    source: &str,
+    options: &ValidateOptions,
+    parameters: &Parameters,
+) -> (Option<Recipe>, Vec<Diagnostic>) {
+    let parsed = parse_recipe_with(source, parameters);
     let mut diagnostics = parsed.diagnostics;
     if let Some(recipe) = &parsed.recipe {
         diagnostics.extend(validate(recipe, options));
         diagnostics.extend(crate::lint::lint_diagnostics(recipe));
+        for other in &parsed.others {
+            diagnostics.extend(validate(other, options));
+            diagnostics.push(Diagnostic::warning(
+                other.pos,
+                format!(
+                    "the file has {} Recipe documents: a run uses the first ({}, at {}); this one ({}) is only validated. Put it in a file of its own to run it",
+                    parsed.others.len() + 1,
+                    describe_recipe(recipe),
+                    recipe.pos,
+                    describe_recipe(other)
+                ),
+            ));
+        }
     }
     sort_diagnostics(&mut diagnostics);
     diagnostics.dedup();
@@ -100,6 +128,20 @@ pub fn check_source(source: &str, options: &ValidateOptions) -> (Option<Recipe>,
         parsed.recipe
     };
     (recipe, diagnostics)
+}
+
+fn describe_recipe(recipe: &Recipe) -> String {
+    recipe
+        .name
+        .as_ref()
+        .map(|n| format!("`{n}`"))
+        .unwrap_or_else(|| "unnamed".to_owned())
+}
+
+/// Whether a workflow's name says it restores (`restore`, `…-restore-resources`): such a
+/// workflow is not expected to have a volume group step.
+pub fn is_restore_workflow(name: &str) -> bool {
+    name.to_ascii_lowercase().contains("restore")
 }
 
 /// All semantic problems of a parsed recipe.
@@ -119,12 +161,13 @@ pub fn validate(recipe: &Recipe, options: &ValidateOptions) -> Vec<Diagnostic> {
     for workflow in &recipe.workflows {
         v.workflow(workflow);
     }
-    if recipe.workflow("backup").is_none() {
-        v.error(
-            Pos::new(1, 1),
-            "the recipe has no `backup` workflow: nothing says which steps run around the capture of the VM's disks",
+    if recipe.workflows.is_empty() {
+        v.warning(
+            recipe.pos,
+            "the recipe has no workflows: there is nothing to run around the capture (a backup with it captures the disks only)",
         );
     }
+    // Room for further, advisory checks (the lint module's) to add their warnings here.
     v.diagnostics
 }
 
@@ -197,6 +240,10 @@ impl Validator<'_> {
         }
         let mut matchers = Vec::new();
         for entry in &group.name_selector {
+            if has_placeholder(&entry.value) {
+                // Checked once the parameter is filled; the warning says it is not.
+                continue;
+            }
             match NameMatcher::new(&entry.value) {
                 Ok(m) => matchers.push(m),
                 Err(message) => self.error(
@@ -233,7 +280,7 @@ impl Validator<'_> {
             }
             HookType::Scale => {
                 for op in &hook.ops {
-                    if !["down", "up", "sync"].contains(&op.name.value.as_str()) {
+                    if !SCALE_OPS.contains(&op.name.value.as_str()) {
                         self.error(op.name.pos, format!("scale hook `{name}` has op `{}`; scale ops are `down`, `up` and `sync`", op.name.value));
                     }
                 }
@@ -379,7 +426,8 @@ impl Validator<'_> {
             }
         };
         let platform = self.platform();
-        let mut last_volume: Option<(usize, Pos, &str)> = None;
+        let mut first_volume: Option<(usize, Pos, &str)> = None;
+        let mut last_volume_index = 0;
         let mut has_volume = false;
         let mut started: BTreeMap<String, Pos> = BTreeMap::new();
         for (index, step) in steps.iter().enumerate() {
@@ -394,18 +442,26 @@ impl Validator<'_> {
                                 "group `{group_name}` is a resource group: it selects Kubernetes objects, and a VM on platform {platform} has none, so this step would select nothing"
                             ));
                         }
-                        GroupType::Resource => {}
+                        GroupType::Resource => {
+                            self.warning(step.pos, format!(
+                                "group `{group_name}` is a resource group (Kubernetes objects, Velero's part of a backup): stillpoint captures the VM's disks and skips this step, and the plan records it as skipped"
+                            ));
+                        }
                         GroupType::Volume => {
                             has_volume = true;
-                            if let Some((previous, previous_pos, previous_name)) = last_volume
-                                && previous + 1 != index
+                            if let Some((previous, previous_pos, previous_name)) = first_volume
+                                && last_volume_index + 1 != index
                             {
-                                self.error(step.pos, format!(
-                                    "volume group `{group_name}` is captured apart from volume group `{previous_name}` ({previous_pos}) with {} step(s) in between. All disks are captured at one instant under one freeze, and while the guest is frozen its agent refuses guest-exec, so nothing can run between them: put the volume groups next to each other (they become one capture) and move the other steps before or after",
-                                    index - previous - 1
+                                let between = index - last_volume_index - 1;
+                                self.warning(step.pos, format!(
+                                    "volume group `{group_name}` is captured apart from volume group `{previous_name}` ({previous_pos}) with {between} step(s) in between. A Kubernetes application may capture its volumes at different times; on a VM every disk is captured at one instant under one freeze, so stillpoint captures `{group_name}`'s disks together with `{previous_name}`'s at {previous_pos}, and the steps in between run after that capture instead of before this one"
                                 ));
+                                let _ = previous;
                             }
-                            last_volume = Some((index, step.pos, group_name));
+                            if first_volume.is_none() {
+                                first_volume = Some((index, step.pos, group_name.as_str()));
+                            }
+                            last_volume_index = index;
                         }
                     }
                 }
@@ -413,6 +469,13 @@ impl Validator<'_> {
                     let Some(hook) = self.recipe.hook(hook) else {
                         continue;
                     };
+                    if hook.hook_type.value == HookType::Scale {
+                        self.warning(step.pos, format!(
+                            "step `{}/{item}` scales Kubernetes workloads; a VM is not a Deployment or StatefulSet, so stillpoint skips this step when it runs the workflow on a VM, and the plan and the report record it as skipped",
+                            hook.name.value
+                        ));
+                        continue;
+                    }
                     let Some(op) = hook.op(item) else { continue };
                     let id = format!("{}/{}", hook.name.value, op.name.value);
                     if op.background {
@@ -433,8 +496,10 @@ impl Validator<'_> {
                 StepKind::Workflow(_) => {}
             }
         }
-        if name == "backup" && !has_volume {
-            self.error(workflow.name.pos, "workflow `backup` has no volume group step, so the VM's disks would not be captured; add `- group: NAME` naming a group of type volume");
+        if !has_volume && !is_restore_workflow(name) && !steps.is_empty() {
+            self.warning(workflow.name.pos, format!(
+                "workflow `{name}` has no volume group step (a resource-only workflow): run as a backup, stillpoint captures every disk of the VM after its last step, under one freeze, and the plan records where"
+            ));
         }
     }
 }
@@ -490,6 +555,21 @@ fn flatten_into<'r>(
                     ));
                     continue;
                 };
+                if h.hook_type.value == HookType::Scale {
+                    // `down`, `up` and `sync` are built in: a scale hook needs no `ops:` list.
+                    if !SCALE_OPS.contains(&item.as_str()) && h.op(item).is_none() {
+                        errors.push(Diagnostic::error(
+                            step.pos,
+                            format!(
+                                "scale hook `{hook}` has no operation `{item}`; scale operations are {}",
+                                SCALE_OPS.join(", ")
+                            ),
+                        ));
+                        continue;
+                    }
+                    steps.push(step);
+                    continue;
+                }
                 if h.op(item).is_none() && h.check(item).is_none() {
                     let kind = if h.hook_type.value == HookType::Check {
                         "check"

@@ -268,6 +268,8 @@ pub fn parse_annotations(
         sequence,
     };
     Ok(Recipe {
+        pos: Pos::UNKNOWN,
+        parameters_unset: Vec::new(),
         api_version: ApiVersion::Ramen,
         name: Some("velero-annotations".into()),
         namespace: None,

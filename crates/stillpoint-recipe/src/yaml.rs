@@ -87,26 +87,52 @@ impl Node {
 /// Parses one YAML document into a positioned tree. A syntax error becomes one diagnostic with
 /// the parser's position.
 pub fn parse_document(source: &str) -> Result<Node, Diagnostic> {
-    let options = serde_saphyr::options! {
+    let mut node: Node = match serde_saphyr::from_str_with_options(source, parse_options()) {
+        Ok(node) => node,
+        Err(error) => return Err(syntax_error(&error)),
+    };
+    annotate_scalars(&mut node, source);
+    Ok(node)
+}
+
+/// Parses every document of a multi-document stream (`---` between them), positions counted
+/// from the start of the file. Empty documents are left out. A file of one document gives one
+/// node, exactly as [`parse_document`] does; an empty file gives one `Null` node.
+pub fn parse_documents(source: &str) -> Result<Vec<Node>, Diagnostic> {
+    let single = match parse_document(source) {
+        Ok(node) => return Ok(vec![node]),
+        Err(diagnostic) => diagnostic,
+    };
+    match serde_saphyr::from_str_multiple_with_options::<Node, Vec<Node>>(source, parse_options()) {
+        Ok(mut nodes) if nodes.len() > 1 => {
+            for node in &mut nodes {
+                annotate_scalars(node, source);
+            }
+            Ok(nodes)
+        }
+        // One document that did not parse: the single-document parser's message.
+        Ok(_) => Err(single),
+        Err(error) => Err(syntax_error(&error)),
+    }
+}
+
+fn syntax_error(error: &serde_saphyr::Error) -> Diagnostic {
+    let pos = error
+        .location()
+        .map(|loc| Pos::new(to_u32(loc.line()), to_u32(loc.column())))
+        .unwrap_or(Pos::new(1, 1));
+    Diagnostic::error(pos, yaml_message(&error.to_string()))
+}
+
+fn parse_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
         // Messages carry their own position; a rendered source snippet would be noise.
         with_snippet: false,
         // Keep duplicates so the parser can report both places.
         duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
         // `y`, `n`, `on`, `off` stay strings, as in YAML 1.2 and Kubernetes.
         strict_booleans: true,
-    };
-    let mut node: Node = match serde_saphyr::from_str_with_options(source, options) {
-        Ok(node) => node,
-        Err(error) => {
-            let pos = error
-                .location()
-                .map(|loc| Pos::new(to_u32(loc.line()), to_u32(loc.column())))
-                .unwrap_or(Pos::new(1, 1));
-            return Err(Diagnostic::error(pos, yaml_message(&error.to_string())));
-        }
-    };
-    annotate_scalars(&mut node, source);
-    Ok(node)
+    }
 }
 
 fn to_u32(value: u64) -> u32 {
@@ -293,6 +319,18 @@ mod tests {
         };
         assert_eq!(inner[0].0.pos, Pos::new(4, 6));
         assert_eq!(inner[0].1.value, Value::Bool(true));
+    }
+
+    #[test]
+    fn multi_document_positions_count_from_the_start_of_the_file() {
+        let docs = parse_documents("a: 1\n---\nb: 2\n---\n\n  c: 3\n").unwrap();
+        assert_eq!(docs.len(), 3);
+        let Value::Map(entries) = &docs[2].value else {
+            panic!("not a map: {:?}", docs[2])
+        };
+        assert_eq!(entries[0].0.pos, Pos::new(6, 3));
+        assert_eq!(parse_documents("a: 1\n").unwrap().len(), 1);
+        assert!(parse_documents("a: [\n---\nb: 2\n").is_err());
     }
 
     #[test]

@@ -36,6 +36,16 @@ pub struct BackupArgs {
     /// The recipe (Recipe CR YAML) that quiesces the application.
     #[arg(long, value_name = "FILE")]
     pub recipe: Option<PathBuf>,
+    /// The recipe's workflow to run around the capture.
+    #[arg(
+        long,
+        default_value = "backup",
+        value_name = "NAME",
+        requires = "recipe"
+    )]
+    pub workflow: String,
+    #[command(flatten)]
+    pub parameters: crate::commands::recipe::ParameterArgs,
     /// When the level cannot be reached: degrade (back up at the level reached, exit 3) or fail
     /// (back up nothing, exit 1).
     #[arg(long, value_name = "POLICY")]
@@ -86,7 +96,11 @@ pub async fn run(ctx: &Context, args: BackupArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default(),
     };
     let recipe = match &args.recipe {
-        Some(path) => Some(Arc::new(crate::commands::check::load_recipe(path)?)),
+        Some(path) => Some(Arc::new(crate::commands::check::load_recipe_with(
+            path,
+            &args.parameters.parameters()?,
+            &args.workflow,
+        )?)),
         None => None,
     };
     let parallel = args.parallel.or(defaults.parallel).unwrap_or(2).max(1);

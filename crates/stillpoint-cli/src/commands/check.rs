@@ -66,14 +66,29 @@ pub async fn run(ctx: &Context, args: CheckArgs) -> anyhow::Result<ExitCode> {
 
 /// Loads and validates a recipe (every problem at once, with file:line:column).
 pub fn load_recipe(path: &std::path::Path) -> anyhow::Result<RecipeInput> {
-    let valid = stillpoint_recipe::load_recipe(path, &Default::default())
+    load_recipe_with(path, &Default::default(), "backup")
+}
+
+/// [`load_recipe`] with template parameters filled and the workflow to run chosen.
+pub fn load_recipe_with(
+    path: &std::path::Path,
+    parameters: &stillpoint_recipe::Parameters,
+    workflow: &str,
+) -> anyhow::Result<RecipeInput> {
+    let valid = stillpoint_recipe::load_recipe_with(path, &Default::default(), parameters)
         .with_context(|| format!("recipe {} is not usable", path.display()))?;
+    // Refused here, before any VM is touched.
+    if let Some(message) = stillpoint_recipe::params::unset_message(&valid.recipe.parameters_unset)
+    {
+        anyhow::bail!("recipe {}: {message}", path.display());
+    }
     for warning in &valid.warnings {
         tracing::warn!("{}", warning.render(&path.display().to_string()));
     }
     Ok(RecipeInput {
         path: path.to_path_buf(),
         recipe: valid.recipe,
+        workflow: workflow.to_owned(),
     })
 }
 

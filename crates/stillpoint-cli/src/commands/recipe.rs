@@ -12,7 +12,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use stillpoint_engine::recipe_phase::{self, Phase, PhaseEnv, PhaseReport};
 use stillpoint_recipe::diagnostic::has_errors;
 use stillpoint_recipe::{
-    DiskInfo, PlanOptions, Platform, Severity, ValidateOptions, check_any_source, plan_workflow,
+    DiskInfo, Parameters, PlanOptions, Platform, Severity, ValidateOptions, check_any_source,
+    check_any_source_with, plan_workflow,
 };
 
 use crate::context::Context;
@@ -55,8 +56,13 @@ pub enum RecipeCommand {
     so the snapshot may not be application-consistent."
 )]
 pub struct RunArgs {
-    /// The recipe (its `backup` workflow).
+    /// The recipe.
     pub file: PathBuf,
+    /// The workflow whose halves run (any name the recipe gives its backup workflow).
+    #[arg(long, default_value = "backup", value_name = "NAME")]
+    pub workflow: String,
+    #[command(flatten)]
+    pub parameters: ParameterArgs,
     /// Which half: `pre` (steps before the capture, then freeze) or `post` (thaw, then the
     /// steps after the capture).
     #[arg(long, value_enum)]
@@ -81,6 +87,39 @@ pub struct RunArgs {
     pub freeze_timeout_seconds: u64,
 }
 
+/// Values for a recipe's template parameters (`${NAME}` in names, namespaces and selectors).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ParameterArgs {
+    /// Fill the template parameter `${NAME}` with VALUE (repeatable; wins over --values).
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub set: Vec<String>,
+    /// Fill template parameters from FILE: one NAME=VALUE a line (`#` comments, blank lines
+    /// and a leading `export` allowed, as in the .env files envsubst users keep).
+    #[arg(long = "values", value_name = "FILE")]
+    pub values: Option<PathBuf>,
+}
+
+impl ParameterArgs {
+    /// The parameters: the values file first, then each --set in order.
+    pub fn parameters(&self) -> anyhow::Result<Parameters> {
+        let mut parameters = Parameters::new();
+        if let Some(file) = &self.values {
+            let text = read(file)?;
+            parameters
+                .insert_file_text(&text)
+                .map_err(|(line, message)| {
+                    anyhow::anyhow!("{}:{line}: {message}", file.display())
+                })?;
+        }
+        for assignment in &self.set {
+            parameters
+                .insert_assignment(assignment)
+                .map_err(|message| anyhow::anyhow!("--set {assignment}: {message}"))?;
+        }
+        Ok(parameters)
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum PhaseArg {
     Pre,
@@ -97,6 +136,8 @@ pub struct ValidateArgs {
     /// A disk of the VM (repeatable): then a volume group that selects none of them is an error.
     #[arg(long = "disk", value_name = "NAME")]
     pub disks: Vec<String>,
+    #[command(flatten)]
+    pub parameters: ParameterArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -117,6 +158,8 @@ pub struct PlanArgs {
     pub consistency: Consistency,
     #[arg(long, default_value = "qemu", value_parser = parse_platform)]
     pub platform: Platform,
+    #[command(flatten)]
+    pub parameters: ParameterArgs,
 }
 
 fn parse_platform(text: &str) -> Result<Platform, String> {
@@ -137,6 +180,15 @@ async fn run_phase(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::debug!("--namespace {namespace} is not used on local platforms");
     }
     crate::context::check_vm_argument("--name", &args.name)?;
+    // Loaded before the VM is looked at: a recipe that cannot run (a parameter not filled)
+    // stops the pre phase before anything happens.
+    let loaded = args.parameters.parameters().and_then(|parameters| {
+        crate::commands::check::load_recipe_with(&args.file, &parameters, &args.workflow)
+    });
+    let loaded = match (loaded, args.phase) {
+        (Err(error), PhaseArg::Pre) => return Err(error),
+        (loaded, _) => loaded,
+    };
     let vm = ctx.platforms().resolve(&args.name)?;
     let env = PhaseEnv {
         guard: ctx.guard_context()?,
@@ -144,7 +196,7 @@ async fn run_phase(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
         freeze_timeout: Duration::from_secs(args.freeze_timeout_seconds),
         unfreeze_timeout: Duration::from_secs(args.unfreeze_timeout_seconds),
     };
-    let recipe = match crate::commands::check::load_recipe(&args.file) {
+    let recipe = match loaded {
         Ok(recipe) => recipe,
         Err(error) => {
             if matches!(args.phase, PhaseArg::Post) {
@@ -298,7 +350,7 @@ fn validate(ctx: &Context, args: ValidateArgs) -> anyhow::Result<ExitCode> {
                 .collect()
         }),
     };
-    let (_, diagnostics) = check_any_source(&source, &options);
+    let (_, diagnostics) = check_any_source_with(&source, &options, &args.parameters.parameters()?);
     let file = args.file.display().to_string();
     let errors = diagnostics
         .iter()
@@ -336,12 +388,13 @@ fn validate(ctx: &Context, args: ValidateArgs) -> anyhow::Result<ExitCode> {
 
 fn plan(ctx: &Context, args: PlanArgs) -> anyhow::Result<ExitCode> {
     let source = read(&args.file)?;
-    let (recipe, diagnostics) = check_any_source(
+    let (recipe, diagnostics) = check_any_source_with(
         &source,
         &ValidateOptions {
             platform: args.platform,
             disks: None,
         },
+        &args.parameters.parameters()?,
     );
     let file = args.file.display().to_string();
     let Some(recipe) = recipe else {
@@ -406,6 +459,9 @@ fn plan(ctx: &Context, args: PlanArgs) -> anyhow::Result<ExitCode> {
             ),
         };
         println!("{:>3}. {line}", index + 1);
+    }
+    for note in &plan.notes {
+        println!("note: {}: {}", note.step, note.message);
     }
     Ok(ExitCode::from(EXIT_OK))
 }
