@@ -2,21 +2,7 @@
 
 mod support;
 
-use std::process::Output;
-
-use support::{stillpoint_command, workspace};
-
-fn stillpoint(args: &[&str]) -> Output {
-    stillpoint_command()
-        .args(args)
-        .current_dir(workspace())
-        .output()
-        .expect("run stillpoint")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use support::{stdout, stillpoint_command, stillpoint_in_workspace as stillpoint, workspace};
 
 #[test]
 fn every_example_recipe_validates_with_exit_0() {

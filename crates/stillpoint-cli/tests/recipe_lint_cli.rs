@@ -3,21 +3,7 @@
 
 mod support;
 
-use std::process::Output;
-
-use support::{stillpoint_command, text, workspace};
-
-fn stillpoint(args: &[&str]) -> Output {
-    stillpoint_command()
-        .args(args)
-        .current_dir(workspace())
-        .output()
-        .expect("run stillpoint")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use support::{stdout, stillpoint_in_workspace as stillpoint, text};
 
 const ONE_SHOT_FTWRL: &str = "crates/stillpoint-recipe/tests/lint/fusion-mysql-one-shot.yaml";
 

@@ -4,11 +4,11 @@
 //! `# platform: kubevirt` the platform. Set `BLESS=1` to rewrite the expected files after
 //! reviewing a deliberate change.
 
+mod golden;
+
 use std::path::Path;
 
-use stillpoint_recipe::{
-    DiskInfo, Platform, ValidateOptions, check_any_source, diagnostic::has_errors,
-};
+use stillpoint_recipe::{DiskInfo, ValidateOptions, check_any_source, diagnostic::has_errors};
 
 fn options_for(source: &str) -> ValidateOptions {
     let mut options = ValidateOptions::default();
@@ -24,26 +24,16 @@ fn options_for(source: &str) -> ValidateOptions {
                     .collect(),
             );
         }
-        if let Some(platform) = line.strip_prefix("# platform:") {
-            options.platform = platform.trim().parse::<Platform>().unwrap();
-        }
     }
+    options.platform = golden::header_platform(source);
     options
 }
 
 #[test]
 fn every_broken_recipe_reports_its_errors_with_line_and_column() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/broken");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    assert!(files.len() >= 10, "the corpus went missing: {files:?}");
-    let bless = std::env::var_os("BLESS").is_some();
-    let mut mismatches = Vec::new();
-    for file in files {
+    let mut golden = golden::Golden::new();
+    for file in golden::yaml_files(&dir, 10) {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let source = std::fs::read_to_string(&file).unwrap();
         let (recipe, diagnostics) = check_any_source(&source, &options_for(&source));
@@ -61,17 +51,7 @@ fn every_broken_recipe_reports_its_errors_with_line_and_column() {
             .iter()
             .map(|d| format!("{}\n", d.render(&name)))
             .collect();
-        let expected_path = file.with_extension("expected");
-        if bless {
-            std::fs::write(&expected_path, &actual).unwrap();
-            continue;
-        }
-        let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
-        if actual != expected {
-            mismatches.push(format!(
-                "--- {name}: expected\n{expected}--- {name}: actual\n{actual}"
-            ));
-        }
+        golden.check(&file, &actual);
     }
-    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+    golden.finish();
 }

@@ -3,31 +3,23 @@
 //! message [rule]`) the lint must report. A first-line comment `# platform: kubevirt` gives the
 //! platform. A Pod manifest (Velero hook annotations) is linted the same way. Set `BLESS=1` to rewrite the expected files after reviewing a deliberate change.
 
+mod golden;
+
 use std::path::Path;
 
 use stillpoint_recipe::lint::{LintRule, lint};
-use stillpoint_recipe::{Platform, ValidateOptions, check_any_source, diagnostic::has_errors};
+use stillpoint_recipe::{ValidateOptions, check_any_source, diagnostic::has_errors};
 
 #[test]
 fn every_lint_corpus_recipe_is_valid_and_reports_exactly_its_expected_findings() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lint");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    let bless = std::env::var_os("BLESS").is_some();
-    let mut mismatches = Vec::new();
+    let files = golden::yaml_files(&dir, 4);
+    let mut golden = golden::Golden::new();
     let mut rules_seen = Vec::new();
     for file in &files {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let source = std::fs::read_to_string(file).unwrap();
-        let platform = source
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# platform:"))
-            .map_or(Platform::Qemu, |p| p.trim().parse().unwrap());
+        let platform = golden::header_platform(&source);
         let (recipe, diagnostics) = check_any_source(
             &source,
             &ValidateOptions {
@@ -52,19 +44,9 @@ fn every_lint_corpus_recipe_is_valid_and_reports_exactly_its_expected_findings()
                 "{name}: validate does not report {line}"
             );
         }
-        let expected_path = file.with_extension("expected");
-        if bless {
-            std::fs::write(&expected_path, &actual).unwrap();
-            continue;
-        }
-        let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
-        if expected != actual {
-            mismatches.push(format!(
-                "{name}:\n--- expected\n{expected}--- actual\n{actual}"
-            ));
-        }
+        golden.check(file, &actual);
     }
-    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+    golden.finish();
     for rule in LintRule::ALL {
         assert!(
             rules_seen.contains(&rule),

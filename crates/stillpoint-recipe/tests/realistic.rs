@@ -5,11 +5,13 @@
 //! `# platform: kubevirt` gives the platform. `BLESS=1` rewrites the expected files after
 //! reviewing a deliberate change. The tests below the corpus check what the plan makes of them.
 
+mod golden;
+
 use std::path::{Path, PathBuf};
 
 use stillpoint_recipe::{
-    Parameters, PlanOptions, PlannedStep, Platform, Pos, Recipe, Severity, ValidateOptions,
-    WorkflowPlan, check_source_with, plan_workflow,
+    Parameters, PlanOptions, PlannedStep, Pos, Recipe, Severity, ValidateOptions, WorkflowPlan,
+    check_source_with, plan_workflow,
 };
 
 fn corpus() -> PathBuf {
@@ -17,13 +19,10 @@ fn corpus() -> PathBuf {
 }
 
 fn options_for(source: &str) -> ValidateOptions {
-    let mut options = ValidateOptions::default();
-    for line in source.lines().take_while(|l| l.starts_with('#')) {
-        if let Some(platform) = line.strip_prefix("# platform:") {
-            options.platform = platform.trim().parse::<Platform>().unwrap();
-        }
+    ValidateOptions {
+        platform: golden::header_platform(source),
+        ..ValidateOptions::default()
     }
-    options
 }
 
 fn load(name: &str, parameters: &Parameters) -> (Recipe, Vec<stillpoint_recipe::Diagnostic>) {
@@ -43,16 +42,8 @@ fn step_ids(plan: &WorkflowPlan) -> Vec<&str> {
 
 #[test]
 fn every_realistic_recipe_validates_with_exactly_its_expected_warnings() {
-    let mut files: Vec<_> = std::fs::read_dir(corpus())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    assert!(files.len() >= 6, "the corpus went missing: {files:?}");
-    let bless = std::env::var_os("BLESS").is_some();
-    let mut mismatches = Vec::new();
-    for file in files {
+    let mut golden = golden::Golden::new();
+    for file in golden::yaml_files(&corpus(), 6) {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let (_, diagnostics) = load(&name, &Parameters::new());
         for d in &diagnostics {
@@ -63,19 +54,9 @@ fn every_realistic_recipe_validates_with_exactly_its_expected_warnings() {
             .iter()
             .map(|d| format!("{}\n", d.render(&name)))
             .collect();
-        let expected_path = file.with_extension("expected");
-        if bless {
-            std::fs::write(&expected_path, &actual).unwrap();
-            continue;
-        }
-        let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
-        if actual != expected {
-            mismatches.push(format!(
-                "--- {name}: expected\n{expected}--- {name}: actual\n{actual}"
-            ));
-        }
+        golden.check(&file, &actual);
     }
-    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+    golden.finish();
 }
 
 #[test]

@@ -43,3 +43,18 @@ pub fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     )
 }
+
+/// Runs the binary with `args` in the workspace's root (where the examples' relative paths
+/// resolve).
+pub fn stillpoint_in_workspace(args: &[&str]) -> Output {
+    stillpoint_command()
+        .args(args)
+        .current_dir(workspace())
+        .output()
+        .expect("the stillpoint binary runs")
+}
+
+/// A run's stdout as text.
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
