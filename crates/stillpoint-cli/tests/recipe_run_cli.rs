@@ -57,6 +57,73 @@ fn the_annotations_hook_commands_run_as_recipe_run() {
     }
 }
 
+/// A shared template whose workflow is named for a suite: the hooks `annotations` writes name
+/// that workflow and carry the parameters it was filled with, and `recipe run` takes them (the
+/// VM is looked up — past every check of the recipe — and not found).
+#[test]
+fn annotations_of_a_template_pass_its_workflow_and_parameters_on_to_recipe_run() {
+    let runtime = tempfile::tempdir().unwrap();
+    let demo =
+        std::fs::read_to_string(workspace().join("examples/recipes/sqlite-demo.yaml")).unwrap();
+    let template = demo
+        .replace("name: sqlite-demo", "name: ${APP}-demo")
+        .replace("app-db", "${APP}-db")
+        .replace("  - name: backup\n", "  - name: ${APP}-backup-resources\n");
+    assert!(template.contains("${APP}-backup-resources"), "the template");
+    let recipe = runtime.path().join("template.yaml");
+    std::fs::write(&recipe, template).unwrap();
+    let recipe = recipe.to_str().unwrap();
+    let annotations = |extra: &[&str]| {
+        let mut args = vec![
+            "annotations",
+            "prod/demo-vm",
+            "--consistency",
+            "application",
+            "--recipe",
+            recipe,
+            "--recipe-in-pod",
+            recipe,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        stillpoint(runtime.path(), &args)
+    };
+
+    // Unfilled, there is nothing to plan: refused naming the parameter.
+    let unfilled = annotations(&["--workflow", "shop-backup-resources"]);
+    assert_eq!(unfilled.status.code(), Some(1), "{}", text(&unfilled));
+    // With --json the error is the JSON document on stdout.
+    assert!(
+        text(&unfilled).contains("template parameter(s) not set: ${APP}"),
+        "{}",
+        text(&unfilled)
+    );
+
+    let output = annotations(&["--workflow", "shop-backup-resources", "--set", "APP=shop"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let suggested: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    for hook in ["pre", "post"] {
+        let key = format!("{hook}.hook.backup.velero.io/command");
+        let argv: Vec<String> = serde_json::from_str(
+            suggested["annotations"][&key]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {key}: {suggested:#}")),
+        )
+        .expect("a JSON argv");
+        let tail: Vec<&str> = argv[argv.len() - 4..].iter().map(String::as_str).collect();
+        assert_eq!(
+            tail,
+            ["--workflow", "shop-backup-resources", "--set", "APP=shop"],
+            "{argv:?}"
+        );
+        let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+        let run = stillpoint(runtime.path(), &args);
+        assert_eq!(run.status.code(), Some(1), "{hook}: {}", text(&run));
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(stderr.contains("unknown VM `demo-vm`"), "{hook}: {stderr}");
+    }
+}
+
 #[test]
 fn recipe_run_needs_a_phase_and_a_vm() {
     let runtime = tempfile::tempdir().unwrap();

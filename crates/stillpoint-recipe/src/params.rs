@@ -38,6 +38,11 @@ impl Parameters {
         self.values.get(name).map(String::as_str)
     }
 
+    /// Every value, by name in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// Sets one value; a later value for the same name replaces the earlier one (so `--set`
     /// given after `--values` wins).
     pub fn insert(&mut self, name: &str, value: &str) -> Result<(), String> {

@@ -374,6 +374,9 @@ pub struct RecipeRef<'a> {
     /// The path of the recipe *inside the launcher pod's compute container*.
     pub path: &'a str,
     pub plan: &'a WorkflowPlan,
+    /// Arguments every `recipe run` hook command ends with: the workflow when it is not
+    /// `backup`, the template parameters (`--set NAME=VALUE`) the recipe was filled with.
+    pub run_args: &'a [String],
 }
 
 /// Annotations for a virt-launcher pod, and notes for the user.
@@ -462,7 +465,7 @@ pub fn suggest_annotations(
             let pre = step_time(&recipe.plan.steps[..capture]) + FREEZE_HOOK_TIMEOUT;
             let post = step_time(&recipe.plan.steps[capture + 1..]) + VELERO_DEFAULT_TIMEOUT;
             let run = |phase: &'static str| -> Vec<&str> {
-                vec![
+                let mut argv = vec![
                     "stillpoint",
                     "recipe",
                     "run",
@@ -473,7 +476,9 @@ pub fn suggest_annotations(
                     vm,
                     "--namespace",
                     namespace,
-                ]
+                ];
+                argv.extend(recipe.run_args.iter().map(String::as_str));
+                argv
             };
             put(PRE_BACKUP, run("pre"), pre);
             put(POST_BACKUP, run("post"), post);

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use stillpoint_recipe::velero::{Level, RecipeRef, suggest_annotations};
-use stillpoint_recipe::{PlanOptions, Platform, ValidateOptions, load_recipe, plan_workflow};
+use stillpoint_recipe::{PlanOptions, Platform, ValidateOptions, load_recipe_with, plan_workflow};
 
+use crate::commands::recipe::ParameterArgs;
 use crate::context::Context;
 use crate::output::{EXIT_OK, print_json};
 
@@ -30,6 +31,13 @@ pub struct AnnotationsArgs {
     /// Print only the annotations, as YAML (no comments).
     #[arg(long, conflicts_with = "json")]
     pub yaml: bool,
+    /// The recipe's workflow the hooks run (passed on to `recipe run`).
+    #[arg(long, value_name = "NAME", default_value = "backup")]
+    pub workflow: String,
+    /// Template parameters of the recipe: filled here to plan the hooks, and passed on to
+    /// `recipe run` as `--set NAME=VALUE` (so the pod needs only the recipe file).
+    #[command(flatten)]
+    pub parameters: ParameterArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -59,14 +67,23 @@ pub async fn run(ctx: &Context, args: AnnotationsArgs) -> anyhow::Result<ExitCod
     };
     let loaded = match (&args.recipe, level) {
         (Some(file), Level::Application) => {
-            let valid = load_recipe(
+            let parameters = args.parameters.parameters()?;
+            let valid = load_recipe_with(
                 file,
                 &ValidateOptions {
                     platform: Platform::Kubevirt,
                     disks: None,
                 },
+                &parameters,
             )?;
-            let plan = plan_workflow(&valid.recipe, "backup", &PlanOptions::default())?;
+            let plan = plan_workflow(&valid.recipe, &args.workflow, &PlanOptions::default())?;
+            let mut run_args = Vec::new();
+            if args.workflow != "backup" {
+                run_args.extend(["--workflow".to_owned(), args.workflow.clone()]);
+            }
+            for (name, value) in parameters.iter() {
+                run_args.extend(["--set".to_owned(), format!("{name}={value}")]);
+            }
             let in_pod = args.recipe_in_pod.clone().unwrap_or_else(|| {
                 let file_name = file
                     .file_name()
@@ -74,7 +91,7 @@ pub async fn run(ctx: &Context, args: AnnotationsArgs) -> anyhow::Result<ExitCod
                     .unwrap_or_else(|| "recipe.yaml".into());
                 format!("/etc/stillpoint/recipes/{file_name}")
             });
-            Some((in_pod, plan))
+            Some((in_pod, plan, run_args))
         }
         (None, Level::Application) => {
             anyhow::bail!("--consistency application needs --recipe FILE")
@@ -82,7 +99,11 @@ pub async fn run(ctx: &Context, args: AnnotationsArgs) -> anyhow::Result<ExitCod
         (Some(_), _) => anyhow::bail!("--recipe is only used with --consistency application"),
         (None, _) => None,
     };
-    let recipe = loaded.as_ref().map(|(path, plan)| RecipeRef { path, plan });
+    let recipe = loaded.as_ref().map(|(path, plan, run_args)| RecipeRef {
+        path,
+        plan,
+        run_args,
+    });
     let suggested = suggest_annotations(&name, &namespace, level, recipe)?;
     if ctx.global.json {
         print_json(&suggested)?;
