@@ -113,13 +113,7 @@ async fn rounds(
             })
             .await;
             anyhow::ensure!(resumed, "the guest writer did not resume after a thaw");
-            let longest = vm
-                .writer_samples()
-                .iter()
-                .filter(|s| s.seq > before)
-                .map(WriterSample::latency)
-                .max()
-                .unwrap_or_default();
+            let longest = vm.longest_writer_latency_since(before);
             stall.push(longest);
         }
     }

@@ -18,6 +18,29 @@ fn stillpoint(runtime: &Path, args: &[&str]) -> Output {
         .expect("run stillpoint")
 }
 
+/// The argv of a hook `annotations --json` wrote (`pre` or `post`).
+fn hook_argv(suggested: &serde_json::Value, hook: &str) -> Vec<String> {
+    let key = format!("{hook}.hook.backup.velero.io/command");
+    let argv: Vec<String> = serde_json::from_str(
+        suggested["annotations"][&key]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {key}: {suggested:#}")),
+    )
+    .expect("a JSON argv");
+    assert_eq!(argv[..3], ["stillpoint", "recipe", "run"], "{argv:?}");
+    argv
+}
+
+/// Runs a hook's command line (without the `stillpoint` word): no such VM here, so it is
+/// accepted, past every check of the recipe, and the VM is looked up and not found.
+fn runs_as_recipe_run(runtime: &Path, hook: &str, argv: &[String]) {
+    let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+    let run = stillpoint(runtime, &args);
+    assert_eq!(run.status.code(), Some(1), "{hook}: {}", text(&run));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("unknown VM `demo-vm`"), "{hook}: {stderr}");
+}
+
 #[test]
 fn the_annotations_hook_commands_run_as_recipe_run() {
     let runtime = tempfile::tempdir().unwrap();
@@ -40,26 +63,12 @@ fn the_annotations_hook_commands_run_as_recipe_run() {
     assert!(output.status.success(), "{}", text(&output));
     let suggested: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     for hook in ["pre", "post"] {
-        let key = format!("{hook}.hook.backup.velero.io/command");
-        let argv: Vec<String> = serde_json::from_str(
-            suggested["annotations"][&key]
-                .as_str()
-                .unwrap_or_else(|| panic!("no {key}: {suggested:#}")),
-        )
-        .expect("a JSON argv");
-        assert_eq!(argv[..3], ["stillpoint", "recipe", "run"], "{argv:?}");
-        let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
-        // No such VM here: the command line is accepted, the VM is looked up and not found.
-        let run = stillpoint(runtime.path(), &args);
-        assert_eq!(run.status.code(), Some(1), "{hook}: {}", text(&run));
-        let stderr = String::from_utf8_lossy(&run.stderr);
-        assert!(stderr.contains("unknown VM `demo-vm`"), "{hook}: {stderr}");
+        runs_as_recipe_run(runtime.path(), hook, &hook_argv(&suggested, hook));
     }
 }
 
 /// A shared template whose workflow is named for a suite: the hooks `annotations` writes name
-/// that workflow and carry the parameters it was filled with, and `recipe run` takes them (the
-/// VM is looked up — past every check of the recipe — and not found).
+/// that workflow and carry the parameters it was filled with, and `recipe run` takes them.
 #[test]
 fn annotations_of_a_template_pass_its_workflow_and_parameters_on_to_recipe_run() {
     let runtime = tempfile::tempdir().unwrap();
@@ -103,24 +112,14 @@ fn annotations_of_a_template_pass_its_workflow_and_parameters_on_to_recipe_run()
     assert!(output.status.success(), "{}", text(&output));
     let suggested: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     for hook in ["pre", "post"] {
-        let key = format!("{hook}.hook.backup.velero.io/command");
-        let argv: Vec<String> = serde_json::from_str(
-            suggested["annotations"][&key]
-                .as_str()
-                .unwrap_or_else(|| panic!("no {key}: {suggested:#}")),
-        )
-        .expect("a JSON argv");
+        let argv = hook_argv(&suggested, hook);
         let tail: Vec<&str> = argv[argv.len() - 4..].iter().map(String::as_str).collect();
         assert_eq!(
             tail,
             ["--workflow", "shop-backup-resources", "--set", "APP=shop"],
             "{argv:?}"
         );
-        let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
-        let run = stillpoint(runtime.path(), &args);
-        assert_eq!(run.status.code(), Some(1), "{hook}: {}", text(&run));
-        let stderr = String::from_utf8_lossy(&run.stderr);
-        assert!(stderr.contains("unknown VM `demo-vm`"), "{hook}: {stderr}");
+        runs_as_recipe_run(runtime.path(), hook, &argv);
     }
 }
 

@@ -31,8 +31,6 @@
 //! written against kubectl (Ramen evaluates them with client-go), so the dialect must be
 //! kubectl's. And those crates report positions in their own string, not in our operands.
 
-use std::fmt;
-
 use serde_json::Value as Json;
 
 /// A parsed path, with its text for messages.
@@ -42,18 +40,9 @@ pub struct JsonPath {
     steps: Vec<Step>,
 }
 
-/// A syntax error at a character offset into the path text.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PathError {
-    pub offset: usize,
-    pub message: String,
-}
-
-impl fmt::Display for PathError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (at character {})", self.message, self.offset + 1)
-    }
-}
+/// A syntax error at a character offset into the path text (the condition's error type: a
+/// condition shifts the offset by where the path stands in it).
+pub type PathError = crate::condition::ConditionError;
 
 #[derive(Clone, Debug, PartialEq)]
 enum Step {

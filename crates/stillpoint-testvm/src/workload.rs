@@ -130,6 +130,17 @@ impl LaunchedVm {
     pub fn writer_samples(&self) -> Vec<WriterSample> {
         parse_writer_samples(&self.console_text())
     }
+
+    /// The stall writer's longest append among the samples after `seq` (zero when none came):
+    /// the stall a guest writer saw during whatever ran since.
+    pub fn longest_writer_latency_since(&self, seq: u64) -> Duration {
+        self.writer_samples()
+            .iter()
+            .filter(|s| s.seq > seq)
+            .map(WriterSample::latency)
+            .max()
+            .unwrap_or_default()
+    }
 }
 
 /// The record writer's console line after each appended record: `stillpoint-record-written SEQ`.

@@ -32,7 +32,7 @@ use stillpoint_engine::restore::{self, NoRestoreProgress, RestoreRequest};
 use stillpoint_platform::Platforms;
 use stillpoint_platform::qemu::QemuInventory;
 use stillpoint_repo::{ImageFormat, InitOptions, Repository};
-use stillpoint_testvm::{Ext4Health, LaunchOptions, LaunchedVm, VmConfig, WriterSample};
+use stillpoint_testvm::{Ext4Health, LaunchOptions, LaunchedVm, VmConfig};
 
 use crate::context::Context;
 use crate::output::{EXIT_ERROR, EXIT_OK, print_json};
@@ -188,13 +188,7 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<ExitCode> {
         };
         let outcome = backup::backup_vm(&env, job).await;
         tokio::time::sleep(Duration::from_millis(500)).await; // let the writer report its stall
-        let stall = vm
-            .writer_samples()
-            .iter()
-            .filter(|s| s.seq > before)
-            .map(WriterSample::latency)
-            .max()
-            .unwrap_or_default();
+        let stall = vm.longest_writer_latency_since(before);
         let proof = level_proof(level, &outcome.report, stall);
         say(describe_backup(&proof, &outcome.report));
         snapshots.push(outcome.manifest);
